@@ -623,13 +623,8 @@ class TraceWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._writer.close()
-        if exc_type is not None:
-            # leave no partial file behind: make atomic_path discard the temporary file
-            try:
-                self._ctx.__exit__(exc_type, exc, tb)
-            finally:
-                return None
-        self._ctx.__exit__(None, None, None)
+        # on an exception atomic_path deletes the temporary file and the exception propagates
+        self._ctx.__exit__(exc_type, exc, tb)
 
 
 def concat(traces: Sequence[Trace]) -> Trace:
