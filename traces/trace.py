@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from moesim.errors import TraceError
+from moesim.fileio import atomic_path
 from moesim.traces.schema import (
     COUNTS_BASE,
     KIND_COUNTS,
@@ -27,9 +30,6 @@ from moesim.traces.schema import (
     optional_columns,
     routing_schema,
 )
-
-from moesim.errors import TraceError
-from moesim.fileio import atomic_path
 
 DEFAULT_BATCH_ROWS = 1 << 18
 DEFAULT_ROW_GROUP_ROWS = 1 << 18
