@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # click usage errors
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
+        # typer >= 0.29 vendors click as typer._click: match its usage errors by shape too
+        if isinstance(exc, click.exceptions.ClickException) or (
+            callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)
+        ):
             exc.show()
             return exc.exit_code
         if isinstance(exc, click.exceptions.Exit):
