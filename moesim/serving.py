@@ -1,0 +1,283 @@
+"""Requests and continuous batching: token budget, chunked prefill, KV admission, preemption.
+
+Request state lives in numpy arrays (one entry per request), and every scheduling decision is
+vectorised over requests and attention groups, so a step costs a few numpy calls whatever the
+batch size. Requests are assigned to attention data-parallel groups round-robin in arrival
+order (SGLang's default for DP attention). Each group has its own token budget per step, limit
+on running requests and KV cache; all groups step together (the MoE all-to-all synchronises
+them).
+
+Scheduling per step and group (vLLM-v1-style, first come first served):
+
+1. KV check: a running request reserves KV for ``prompt + generated + 1`` tokens (its sequence
+   so far plus the token this step produces). If a group's reservations exceed its capacity,
+   its most recently admitted requests are preempted (recompute: their KV is dropped and they
+   re-enter the front of the queue to prefill prompt and generated tokens again).
+2. Every running request whose prefill is complete decodes one token.
+3. Running requests still prefilling take chunks of the remaining budget, oldest first.
+4. Waiting requests are admitted in queue order while the group has room for another running
+   request, KV for its whole sequence so far, and budget left (with ``chunked_prefill`` off,
+   budget for its whole prompt); admission stops at the first that does not fit.
+
+A step that completes a request's prefill samples its next token; a request finishes when it
+has produced ``output_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.errors import MoesimError
+from moesim.workload import Workload
+
+PENDING, WAITING, RUNNING, DONE = 0, 1, 2, 3
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+class ServingError(MoesimError):
+    """A workload the serving configuration can never run (e.g. a request larger than the KV)."""
+
+
+@dataclass
+class Batch:
+    """The work of one forward step: decode tokens and prefill chunks."""
+
+    dec_idx: np.ndarray  # requests decoding one token
+    pre_idx: np.ndarray  # requests prefilling a chunk
+    pre_start: np.ndarray  # first sequence position of each chunk
+    pre_len: np.ndarray  # tokens of each chunk
+
+    @property
+    def num_decode(self) -> int:
+        return len(self.dec_idx)
+
+    @property
+    def num_prefill(self) -> int:
+        return int(self.pre_len.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decode + self.num_prefill
+
+    def empty(self) -> bool:
+        return self.num_tokens == 0
+
+
+def grouped_exclusive_cumsum(groups: np.ndarray, values: np.ndarray, num_groups: int) -> np.ndarray:
+    """For items in order, the sum of ``values`` of earlier items of the same group."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=values.dtype)
+    order = np.argsort(groups, kind="stable")
+    v = values[order]
+    cum = np.cumsum(v)
+    excl = cum - v
+    g = groups[order]
+    first = np.searchsorted(g, np.arange(num_groups))  # index of each group's first item
+    base = excl[np.minimum(first, len(v) - 1)]
+    out = np.empty_like(excl)
+    out[order] = excl - base[g]
+    return out
+
+
+class Scheduler:
+    """Continuous batching over ``num_groups`` attention groups (see the module docstring)."""
+
+    def __init__(self, workload: Workload, num_groups: int, max_tokens_per_step: int,
+                 max_running: int, kv_capacity_tokens: int, chunked_prefill: bool = True,
+                 role: str = "colocated"):
+        n = len(workload)
+        self.n = n
+        self.num_groups = num_groups
+        self.max_tokens = int(max_tokens_per_step)
+        self.max_running = int(max_running)
+        self.kv_capacity = int(kv_capacity_tokens)
+        self.chunked = chunked_prefill
+        self.role = role
+        self.arrival = workload.arrival_s
+        self.prompt = workload.prompt_tokens.astype(np.int64)
+        self.output = workload.output_tokens.astype(np.int64)
+        self.group = np.arange(n, dtype=np.int64) % num_groups
+        self.state = np.full(n, PENDING, dtype=np.int8)
+        # a request's prefill covers sequence positions [0, target); recompute raises target
+        self.target = self.prompt.copy()
+        self.prefilled = self.prompt.copy() if role == "decode" else np.zeros(n, dtype=np.int64)
+        self.generated = np.zeros(n, dtype=np.int64)
+        self.first_token_s = np.full(n, np.nan)
+        self.finish_s = np.full(n, np.nan)
+        self.admitted_s = np.full(n, np.nan)
+        self.preemptions = np.zeros(n, dtype=np.int64)
+        self.finish_count = np.zeros(n, dtype=np.int64)
+        self.running = _EMPTY  # request ids in admission order
+        self.waiting = _EMPTY  # request ids in queue order
+        self.next_arrival = 0  # first request not yet arrived (arrivals are sorted)
+        self.num_done = 0
+        # token accounting for the invariants
+        self.prefill_tokens = 0
+        self.recompute_tokens = 0
+        self.tokens_produced = 0
+        self._check_fits()
+
+    def _check_fits(self) -> None:
+        need = self.prompt + self.output
+        worst = int(np.argmax(need))
+        if need[worst] > self.kv_capacity:
+            raise ServingError(
+                f"request {worst} needs KV for {int(need[worst])} tokens but an attention group "
+                f"holds {self.kv_capacity}; add GPUs, shorten requests or raise memory limits"
+            )
+        if not self.chunked and self.role == "colocated":
+            longest = int(self.prompt.max())
+            if longest > self.max_tokens:
+                raise ServingError(
+                    f"a {longest}-token prompt exceeds max_tokens_per_step={self.max_tokens} with "
+                    "chunked_prefill off; turn chunked_prefill on or raise the budget"
+                )
+
+    # ----- time ----------------------------------------------------------------------------
+    def arrive_until(self, now: float) -> None:
+        """Queue every request that has arrived by ``now``."""
+        end = int(np.searchsorted(self.arrival, now, side="right"))
+        if end > self.next_arrival:
+            new = np.arange(self.next_arrival, end, dtype=np.int64)
+            self.state[new] = WAITING
+            self.waiting = np.concatenate([self.waiting, new])
+            self.next_arrival = end
+
+    def next_arrival_time(self) -> float | None:
+        return float(self.arrival[self.next_arrival]) if self.next_arrival < self.n else None
+
+    @property
+    def all_done(self) -> bool:
+        return self.num_done == self.n
+
+    # ----- forming a step --------------------------------------------------------------------
+    def _reserved(self, ids: np.ndarray) -> np.ndarray:
+        return self.prompt[ids] + self.generated[ids] + 1
+
+    def _preempt_over_capacity(self) -> None:
+        run = self.running
+        if len(run) == 0:
+            return
+        used = np.bincount(self.group[run], weights=self._reserved(run), minlength=self.num_groups)
+        over = np.flatnonzero(used > self.kv_capacity)
+        if len(over) == 0:
+            return
+        victims = []
+        for g in over:  # rare: only groups whose KV overflowed
+            members = run[self.group[run] == g]
+            excess = used[g] - self.kv_capacity
+            for rid in members[::-1]:  # newest first
+                if excess <= 0:
+                    break
+                victims.append(rid)
+                excess -= self.prompt[rid] + self.generated[rid] + 1
+        victims = np.array(victims, dtype=np.int64)
+        self.running = run[~np.isin(run, victims)]
+        self.state[victims] = WAITING
+        self.preemptions[victims] += 1
+        self.target[victims] = self.prompt[victims] + self.generated[victims]
+        self.prefilled[victims] = 0
+        # preempted requests go to the front of the queue, oldest first
+        self.waiting = np.concatenate([np.sort(victims), self.waiting])
+
+    def form_batch(self, now: float = 0.0) -> Batch:
+        """Choose the decode tokens and prefill chunks of the step starting at ``now``."""
+        self._preempt_over_capacity()
+        G = self.num_groups
+        run = self.running
+        rem_run = self.target[run] - self.prefilled[run]
+        decoding = rem_run <= 0
+        dec = run[decoding]
+        budget = self.max_tokens - np.bincount(self.group[dec], minlength=G)
+        pre_ids, pre_len = run[~decoding], rem_run[~decoding]
+        if len(pre_ids):
+            pre_len, budget = self._allot(pre_ids, pre_len, budget)
+        if len(self.waiting):
+            adm, adm_len, budget = self._admit(run, budget, now)
+            if len(adm):
+                now_decoding = adm_len == 0
+                dec = np.concatenate([dec, adm[now_decoding]])
+                pre_ids = np.concatenate([pre_ids, adm[~now_decoding]])
+                pre_len = np.concatenate([pre_len, adm_len[~now_decoding]])
+        keep = pre_len > 0
+        pre_ids, pre_len = pre_ids[keep], pre_len[keep]
+        return Batch(dec, pre_ids, self.prefilled[pre_ids], pre_len)
+
+    def _allot(self, ids: np.ndarray, rem: np.ndarray, budget: np.ndarray):
+        """Give requests (in order) chunks of their group's remaining budget."""
+        g = self.group[ids]
+        before = grouped_exclusive_cumsum(g, rem, self.num_groups)
+        left = budget[g] - before
+        if self.chunked:
+            chunk = np.clip(left, 0, rem)
+        else:
+            chunk = np.where(left >= rem, rem, 0)
+            # no chunking: the queue stops at the first prompt that does not fit
+            blocked = grouped_exclusive_cumsum(g, (chunk == 0).astype(np.int64), self.num_groups)
+            chunk = np.where(blocked > 0, 0, chunk)
+        return chunk, budget - np.bincount(g, weights=chunk, minlength=self.num_groups).astype(np.int64)
+
+    def _admit(self, run: np.ndarray, budget: np.ndarray, now: float):
+        G = self.num_groups
+        cand = self.waiting
+        g = self.group[cand]
+        rem = self.target[cand] - self.prefilled[cand]
+        cost = np.maximum(rem, 1)  # a request arriving with its KV (decode role) decodes at once
+        n_run = np.bincount(self.group[run], minlength=G)
+        kv_used = np.bincount(self.group[run], weights=self._reserved(run), minlength=G)
+        kv_need = self._reserved(cand)
+        count_ok = grouped_exclusive_cumsum(g, np.ones_like(cand), G) + 1 <= (self.max_running - n_run)[g]
+        kv_ok = grouped_exclusive_cumsum(g, kv_need, G) + kv_need <= (self.kv_capacity - kv_used)[g]
+        spent = grouped_exclusive_cumsum(g, cost, G)
+        if self.chunked:
+            budget_ok = spent < budget[g]
+        else:
+            budget_ok = spent + cost <= budget[g]
+        ok = count_ok & kv_ok & budget_ok
+        # first come first served: nothing behind a request that cannot be admitted
+        blocked = grouped_exclusive_cumsum(g, (~ok).astype(np.int64), G)
+        ok &= blocked == 0
+        if not ok.any():
+            return _EMPTY, _EMPTY, budget
+        adm = cand[ok]
+        self.waiting = cand[~ok]
+        self.state[adm] = RUNNING
+        first_admission = adm[np.isnan(self.admitted_s[adm])]
+        self.admitted_s[first_admission] = now
+        self.running = np.concatenate([run, adm])
+        left = budget[g[ok]] - spent[ok]
+        chunk = np.clip(left, 0, rem[ok]) if self.chunked else rem[ok]
+        used = np.bincount(g[ok], weights=np.maximum(chunk, (rem[ok] == 0).astype(np.int64)),
+                           minlength=G).astype(np.int64)
+        return adm, chunk.astype(np.int64), budget - used
+
+    # ----- completing a step ---------------------------------------------------------------
+    def finish_step(self, batch: Batch, now: float) -> np.ndarray:
+        """Advance requests after the step ending at ``now``; return the requests that finished."""
+        recompute = np.minimum(batch.pre_len, np.maximum(
+            0, batch.pre_start + batch.pre_len - self.prompt[batch.pre_idx]))
+        self.prefill_tokens += batch.num_prefill
+        self.recompute_tokens += int(recompute.sum())
+        self.prefilled[batch.pre_idx] += batch.pre_len
+        completed = batch.pre_idx[self.prefilled[batch.pre_idx] >= self.target[batch.pre_idx]]
+        producers = np.concatenate([batch.dec_idx, completed])
+        self.generated[producers] += 1
+        self.tokens_produced += len(producers)
+        first = producers[np.isnan(self.first_token_s[producers])]
+        self.first_token_s[first] = now
+        done = producers[self.generated[producers] >= self.output[producers]]
+        if len(done):
+            self.state[done] = DONE
+            self.finish_s[done] = now
+            self.finish_count[done] += 1
+            self.num_done += len(done)
+            self.running = self.running[self.state[self.running] == RUNNING]
+        return done
+
+    # ----- views ------------------------------------------------------------------------------
+    def kv_used(self) -> np.ndarray:
+        """KV tokens reserved per group now."""
+        run = self.running
+        return np.bincount(self.group[run], weights=self._reserved(run), minlength=self.num_groups)
