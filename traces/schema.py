@@ -20,6 +20,9 @@ PHASE_PREFILL = 0
 PHASE_DECODE = 1
 PHASE_NAMES = {"prefill": PHASE_PREFILL, "decode": PHASE_DECODE}
 
+# expert_ids are int16
+MAX_EXPERTS = 1 << 15
+
 KIND_ROUTING = "routing"
 KIND_COUNTS = "counts"
 
@@ -96,6 +99,9 @@ class TraceMeta:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise TraceError(f"trace metadata: {name} must be a positive integer, got {value!r}")
+        if self.num_experts > MAX_EXPERTS:
+            raise TraceError(f"trace metadata: num_experts={self.num_experts} exceeds the "
+                             f"{MAX_EXPERTS} expert ids a trace holds (int16)")
         if self.kind not in (KIND_ROUTING, KIND_COUNTS):
             raise TraceError(f"trace metadata: kind must be 'routing' or 'counts', got {self.kind!r}")
         if self.top_k > self.num_experts:

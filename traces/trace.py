@@ -74,10 +74,17 @@ def _fixed_list(values: np.ndarray, typ: pa.DataType) -> pa.FixedSizeListArray:
 def _list_to_numpy(column: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if column.null_count:
+    flat = column.flatten()
+    if column.null_count or flat.null_count:
         raise TraceError("trace: a list column holds nulls; every row needs all its values")
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(-1, width)
+    return flat.to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def _scalar_to_numpy(column: pa.Array, name: str) -> np.ndarray:
+    # nulls would turn an integer column into floats with NaN
+    if column.null_count:
+        raise TraceError(f"trace: column {name!r} holds nulls; every row needs a value")
+    return column.to_numpy(zero_copy_only=False)
 
 
 def _phase_array(phase, n: int) -> np.ndarray:
@@ -248,11 +255,12 @@ class Trace:
         if steps.shape != (T,):
             raise TraceError(f"steps has shape {steps.shape}, expected ({T},)")
 
-        present = experts[:, :, 0] >= 0  # [T, L]
+        present = (experts != -1).any(axis=2)  # [T, L]; a partly -1 row fails validation
         tok_idx, layer_idx = np.nonzero(present)
-        exp_rows = experts[tok_idx, layer_idx].astype(np.int16)
+        exp_rows = experts[tok_idx, layer_idx]
         w_rows = weights[tok_idx, layer_idx]
         validate_routing_rows(meta, layer_idx, exp_rows, w_rows, phase_tok)
+        exp_rows = exp_rows.astype(np.int16)  # after the range check, so nothing wraps
         columns = {
             "request_id": pa.array(req_tok[tok_idx], pa.int32()),
             "token_pos": pa.array(pos_tok[tok_idx], pa.int32()),
@@ -367,11 +375,11 @@ class Trace:
         k = self.meta.top_k
         for rb in self._record_batches(batch_rows, list(ROUTING_BASE) + extra):
             batch = RoutingBatch(
-                request_id=rb.column(0).to_numpy(zero_copy_only=False),
-                token_pos=rb.column(1).to_numpy(zero_copy_only=False),
-                step=rb.column(2).to_numpy(zero_copy_only=False),
-                phase=rb.column(3).to_numpy(zero_copy_only=False),
-                layer=rb.column(4).to_numpy(zero_copy_only=False),
+                request_id=_scalar_to_numpy(rb.column(0), "request_id"),
+                token_pos=_scalar_to_numpy(rb.column(1), "token_pos"),
+                step=_scalar_to_numpy(rb.column(2), "step"),
+                phase=_scalar_to_numpy(rb.column(3), "phase"),
+                layer=_scalar_to_numpy(rb.column(4), "layer"),
                 expert_ids=_list_to_numpy(rb.column(5), k),
                 gate_weights=_list_to_numpy(rb.column(6), k),
             )
@@ -400,13 +408,13 @@ class Trace:
                 )
             return
         for rb in self._record_batches(batch_rows, list(COUNTS_BASE)):
-            layer = rb.column(1).to_numpy(zero_copy_only=False)
+            layer = _scalar_to_numpy(rb.column(1), "layer")
             counts = _list_to_numpy(rb.column(2), E)
             if len(layer) and (layer.min() < 0 or layer.max() >= self.meta.num_layers):
                 raise TraceError(f"trace: layer outside 0..{self.meta.num_layers - 1}")
             if counts.size and counts.min() < 0:
                 raise TraceError("trace: negative expert counts")
-            yield CountsBatch(rb.column(0).to_numpy(zero_copy_only=False), layer, counts)
+            yield CountsBatch(_scalar_to_numpy(rb.column(0), "request_id"), layer, counts)
 
     def validate(self) -> int:
         """Stream the whole trace once, checking every row; return the number of rows."""
