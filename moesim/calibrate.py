@@ -337,7 +337,7 @@ def measure_machine(disk_dir: str | None = None, quick: bool = False) -> dict:
     gemm = measure_cpu_gemm(gemm_sizes)
     copy = measure_memcpy((2**12, 2**16, 2**20, 2**24) if quick else
                           (2**12, 2**16, 2**20, 2**24, 2**26))
-    disk = measure_disk_read(disk_dir, nbytes=(64 if quick else 256) * 2**20)
+    disk = measure_disk_read(disk_dir, nbytes=(32 if quick else 256) * 2**20)
     peak_copy = max(r["bytes_per_s"] for r in copy)
     host = platform.node() or "this-machine"
     cpu = {
@@ -391,3 +391,33 @@ def _total_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return 0
+
+
+@dataclass
+class Profile:
+    """A measured machine as the models use it (see :func:`load_profile`)."""
+
+    device: object  # hardware.Device of the host CPU
+    accelerator: object | None  # hardware.Device of the GPU, when CUDA was measured
+    links: dict  # name -> hardware.Link (storage, memcpy, host_to_device)
+    table: object  # cost.CostTable of the measured operation times
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read a profile written by ``moesim calibrate``; errors name the bad field."""
+    import yaml
+
+    from moesim.cost import CostTable
+    from moesim.hardware import Device, HardwareError, Link, _validated
+
+    path = Path(path)
+    if not path.exists():
+        raise HardwareError(f"{path}: no such profile")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "device" not in data:
+        raise HardwareError(f"{path}: not a moesim calibrate profile (no 'device')")
+    device = _validated(Device, data["device"], str(path))
+    acc = _validated(Device, data["accelerator"], str(path)) if data.get("accelerator") else None
+    links = {k: _validated(Link, v, f"{path}: links.{k}")
+             for k, v in (data.get("links") or {}).items()}
+    return Profile(device, acc, links, CostTable.from_rows(data.get("tables") or []))

@@ -88,8 +88,12 @@ class Placement:
         if len(missing):
             raise CommError(f"placement: expert {int(missing[0])} has no replica on any GPU")
         order = np.argsort(self.rep_expert, kind="stable")
+        start = np.concatenate([[0], np.cumsum(present)])
         object.__setattr__(self, "_order", order)
-        object.__setattr__(self, "_start", np.concatenate([[0], np.cumsum(present)]))
+        object.__setattr__(self, "_start", start)
+        # first replica's GPU per expert: the whole answer for single-replica experts
+        object.__setattr__(self, "_primary", self.rep_gpu[order[start[:-1]]].astype(np.int32))
+        object.__setattr__(self, "_multi", present[: self.num_experts] > 1)
 
     # ----- constructors --------------------------------------------------------------------
     @classmethod
@@ -157,13 +161,14 @@ class Placement:
     def choose(self, src_gpu: np.ndarray, experts: np.ndarray, gpus_per_node: int,
                token_index: np.ndarray | None = None) -> np.ndarray:
         """GPU serving each (token, expert) pair; arrays of equal shape, experts >= 0."""
-        counts = self.replica_counts[experts]
-        first = self._start[experts]
-        dst = self.rep_gpu[self._order[first]]  # single-replica experts: done
-        multi = counts > 1
+        dst = self._primary[experts]  # single-replica experts: done
+        if not self._multi.any():
+            return dst
+        multi = self._multi[experts]
         if not multi.any():
             return dst
-        c, f = counts[multi], first[multi]
+        sel = experts[multi]
+        c, f = self.replica_counts[sel], self._start[sel]
         if self.selection == "random":
             rng = np.random.default_rng(self.seed)
             pick = (rng.random(c.shape) * c).astype(np.int64)
@@ -248,41 +253,67 @@ def counts_from_tokens(src_gpu, expert_ids, placement: Placement, cluster: Clust
         raise CommError(
             f"expert id {int(ids.max())} >= {placement.num_experts} experts in the placement"
         )
-    valid = ids >= 0
-    src2 = np.broadcast_to(src[:, None], ids.shape)
+    src32 = src.astype(np.int32)
+    src2 = np.broadcast_to(src32[:, None], ids.shape)
     if token_index is None:
-        token_index = np.arange(len(src))
-    tok2 = np.broadcast_to(np.asarray(token_index)[:, None], ids.shape)
-    dst = np.full(ids.shape, n, dtype=np.int64)  # n = "no destination"
-    dst[valid] = placement.choose(src2[valid], ids[valid].astype(np.int64), g, tok2[valid])
+        token_index = np.arange(len(src), dtype=np.int64)
+    if ids.size and ids.min() < 0:  # dropped slots go to a virtual GPU n
+        valid = ids >= 0
+        dst = np.full(ids.shape, n, dtype=np.int32)
+        tok2 = np.broadcast_to(np.asarray(token_index)[:, None], ids.shape)
+        dst[valid] = placement.choose(src2[valid], ids[valid].astype(np.int64), g, tok2[valid])
+    else:
+        tok2 = np.broadcast_to(np.asarray(token_index)[:, None], ids.shape)
+        dst = placement.choose(src2, ids.astype(np.intp, copy=False), g, tok2).astype(np.int32)
 
-    z = np.bincount((src2 * (n + 1) + dst).ravel(), minlength=n * (n + 1))
-    Z = z.reshape(n, n + 1)[:, :n].astype(float)
-    # per-GPU dedup: sort each token's destinations, keep the first of each run
-    ds = np.sort(dst, axis=1)
-    first = np.ones(ds.shape, dtype=bool)
-    first[:, 1:] = ds[:, 1:] != ds[:, :-1]
-    keep = first & (ds < n)
-    X = np.bincount((src2 * n + ds)[keep], minlength=n * n).reshape(n, n).astype(float)
-    # per-node dedup: node ids are monotone in the sorted GPU ids
+    # one bincount over (src, dst, first-on-this-GPU, first-on-this-node): Z sums all four
+    # flag states, X keeps GPU-firsts, Y keeps node-firsts summed over the node's GPUs.
+    # Dropped slots sit on the virtual GPU n and are cut off.
     m = cluster.num_nodes
-    nodes = ds // g
-    first_n = np.ones(ds.shape, dtype=bool)
-    first_n[:, 1:] = nodes[:, 1:] != nodes[:, :-1]
-    keep_n = first_n & (ds < n)
-    Y = np.bincount((src2 * m + nodes)[keep_n], minlength=n * m).reshape(n, m).astype(float)
+    new_gpu = _first_in_row(dst)
+    nodes = np.where(dst < n, dst // np.int32(g), np.int32(m))
+    new_node = _first_in_row(nodes)
+    key = (src32[:, None] * np.int32(n + 1) + dst) * np.int32(4) + new_gpu * np.int32(2) + new_node
+    full = np.bincount(key.ravel(), minlength=n * (n + 1) * 4).reshape(n, n + 1, 2, 2)[:, :n]
+    Z = full.sum(axis=(2, 3))
+    X = full[:, :, 1, :].sum(axis=2)
+    Y = full[:, :, :, 1].sum(axis=2).reshape(n, m, g).sum(axis=2)
+    Z, X, Y = Z.astype(float), X.astype(float), Y.astype(float)
     tokens = np.bincount(src, minlength=n).astype(float)
     return CommCounts(Z, X, Y, tokens, g, exact=True)
+
+
+def _first_in_row(values: np.ndarray) -> np.ndarray:
+    """int32 [N, K]: 1 where no earlier entry of the row has the same value, else 0."""
+    k = values.shape[1]
+    if k > 16:  # sorting wins over K^2 comparisons
+        order = np.argsort(values, axis=1, kind="stable")
+        sv = np.take_along_axis(values, order, axis=1)
+        first = np.ones(sv.shape, dtype=np.int32)
+        first[:, 1:] = sv[:, 1:] != sv[:, :-1]
+        out = np.empty_like(first)
+        np.put_along_axis(out, order, first, axis=1)
+        return out
+    out = np.ones(values.shape, dtype=np.int32)
+    for j in range(1, k):
+        col = values[:, j]
+        dup = col == values[:, 0]
+        for i in range(1, j):
+            dup |= col == values[:, i]
+        out[:, j] = ~dup
+    return out
 
 
 def counts_from_aggregate(expert_counts, tokens_per_gpu, placement: Placement,
                           cluster: Cluster, X=None, Y=None) -> CommCounts:
     """X, Y, Z from ``expert_counts[s, e]`` (tokens of GPU s choosing expert e).
 
-    Z is exact in expectation. Without per-token data X and Y assume each token picks its
-    experts independently: P(token of s hits d) = 1 - prod_e (1 - p_se * w_ed), p_se =
-    counts / tokens, w_ed = share of e's traffic GPU d serves (B.1). Pass measured X / Y
-    (distinct-destination counts) to override.
+    Z is exact in expectation. X and Y, which need per-token data, are estimated by treating
+    each token's k distinct experts as k draws without replacement: with q = the share of s's
+    (token, expert) pairs served by d and E' the experts s uses,
+    P(token misses d) = prod_{j<k} (1 - q / (1 - j / E')). This is exact for uniformly random
+    k-subsets (1 - C(E - E_d, k) / C(E, k), reference note B.1) and an approximation under
+    skew or correlated choices. Pass measured X / Y (distinct-destination counts) to override.
     """
     _check_cluster(cluster, placement)
     c = np.asarray(expert_counts, dtype=float)
@@ -294,15 +325,25 @@ def counts_from_aggregate(expert_counts, tokens_per_gpu, placement: Placement,
         raise CommError(f"tokens_per_gpu must have {n} entries")
     w = _share_by_source(placement, g)  # [G_src, E, G]
     Z = np.einsum("se,sed->sd", c, w)
-    p = np.divide(c, t[:, None], out=np.zeros_like(c), where=t[:, None] > 0).clip(0, 1)
+    pairs = c.sum(axis=1)
+    k = np.rint(np.divide(pairs, t, out=np.zeros_like(t), where=t > 0)).astype(int)
+    used = np.maximum((c > 0).sum(axis=1), 1).astype(float)
+    share = np.divide(Z, pairs[:, None], out=np.zeros_like(Z), where=pairs[:, None] > 0)
     if X is None:
-        log_miss = np.log1p(-np.minimum(p[:, :, None] * w, 1 - 1e-12)).sum(axis=1)
-        X = t[:, None] * -np.expm1(log_miss)
+        X = t[:, None] * _hit_probability(share, k, used)
     if Y is None:
-        wn = w.reshape(n, placement.num_experts, m, g).sum(axis=3)
-        log_miss = np.log1p(-np.minimum(p[:, :, None] * wn, 1 - 1e-12)).sum(axis=1)
-        Y = t[:, None] * -np.expm1(log_miss)
+        Y = t[:, None] * _hit_probability(share.reshape(n, m, g).sum(axis=2), k, used)
     return CommCounts(Z, np.asarray(X, float), np.asarray(Y, float), t, g, exact=False)
+
+
+def _hit_probability(share: np.ndarray, k: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """P(a token hits a destination) from its share of the pairs, k draws without replacement."""
+    miss = np.ones_like(share)
+    for j in range(int(k.max(initial=0))):
+        active = (j < k)[:, None]
+        step = np.clip(1.0 - share / np.maximum(1.0 - j / used, 1e-12)[:, None], 0.0, 1.0)
+        miss = np.where(active, miss * step, miss)
+    return 1.0 - miss
 
 
 def _share_by_source(placement: Placement, gpus_per_node: int) -> np.ndarray:
