@@ -224,6 +224,14 @@ class Router:
         lay, slot = np.nonzero(layout.phy2log >= 0)
         table[lay[::-1], layout.phy2log[lay, slot][::-1], slot[::-1] // self.S] = slot[::-1]
         self.slot_table = table
+        # replicas of each (layer, expert) in slot order: [L, E, max replicas]
+        self.rep_count = reps
+        self.rep_slots = np.zeros((L, E, max(int(reps.max()), 1)), dtype=np.int64)
+        fill = np.zeros((L, E), dtype=np.int64)
+        for lay_i, slot_i in zip(lay, slot, strict=True):
+            e_i = layout.phy2log[lay_i, slot_i]
+            self.rep_slots[lay_i, e_i, fill[lay_i, e_i]] = slot_i
+            fill[lay_i, e_i] += 1
         if self.single:
             first = np.zeros((L, E), dtype=np.int64)
             first[lay, layout.phy2log[lay, slot]] = slot
@@ -242,20 +250,17 @@ class Router:
     # ----- token-level (trace replay) ---------------------------------------------------------
     def _destinations(self, experts: np.ndarray, src: np.ndarray):
         """Flat slot ids ``layer * R + slot`` of every (token, layer, k); invalid -> L * R."""
-        L, R, E, K = self.L, self.R, self.E, experts.shape[2]
+        L, R, E = self.L, self.R, self.E
         valid = experts >= 0
         if self.single:
             idx = experts.astype(np.int32) + (np.arange(L, dtype=np.int32) * E)[None, :, None]
             flat = self.flat_slot[idx]
-        else:
+        else:  # replicas: token i uses replica i mod count (moesim.comm's "round-robin" rule)
             n = len(src)
             e = np.where(valid, experts, 0).astype(np.int64)
-            tok = np.broadcast_to(np.arange(n)[:, None], (n, K))
-            srcK = np.broadcast_to(src[:, None], (n, K))
-            flat = np.empty(experts.shape, dtype=np.int64)
-            for li in range(L):
-                dst = self.placements[li].choose(srcK, e[:, li], self.gpn, tok)
-                flat[:, li] = li * R + self.slot_table[li, e[:, li], dst]
+            lay = np.arange(L)[None, :, None]
+            rep = np.arange(n)[:, None, None] % self.rep_count[lay, e]
+            flat = lay * R + self.rep_slots[lay, e, rep]
         if not valid.all():
             flat = np.where(valid, flat, L * R)
         return flat, valid

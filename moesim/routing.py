@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +176,17 @@ class AggregateRouting:
         return dict(self._report)
 
 
+@functools.lru_cache(maxsize=4)
+def synthetic_trace(model: MoEModel, tokens: int, requests: int, seed: int, skew: float,
+                    locality: float):
+    """A seeded synthetic trace (half prefill, half decode tokens per sequence), memoised so
+    that scenarios differing only in placement or policy replay the very same routing."""
+    from moesim.traces.synth import synthesize
+
+    return synthesize(model, tokens, requests=requests, decode_fraction=0.5, seed=seed, skew=skew,
+                      locality=locality)
+
+
 def build_routing(section, model: MoEModel, base_dir: str | Path = ".",
                   trace_override: str | Path | None = None):
     """The routing source a scenario's ``routing`` section names (``--trace`` overrides)."""
@@ -190,11 +202,8 @@ def build_routing(section, model: MoEModel, base_dir: str | Path = ".",
         share = np.full((model.moe_layers, model.num_experts), 1.0 / model.num_experts)
         return AggregateRouting(share, model.top_k, "uniform")
     if source == "synthetic":
-        from moesim.traces.synth import synthesize
-
-        trace = synthesize(model, section.synth_tokens, requests=section.synth_requests,
-                           decode_fraction=0.5, seed=section.seed, skew=section.skew,
-                           locality=section.locality)
+        trace = synthetic_trace(model, section.synth_tokens, section.synth_requests, section.seed,
+                                section.skew, section.locality)
         return TraceReplay.from_trace(trace, model, section.on_short, section.seed,
                                       source=f"synthetic(seed={section.seed}, skew={section.skew})")
     from moesim.traces import Trace
