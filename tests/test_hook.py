@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -402,6 +403,38 @@ def test_load_model_errors():
         load_model("tiny:nope")
 
 
+def _byte_level_tokenizer():
+    """A fast tokenizer of single bytes (no merges), as a local model directory would ship."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_capture_from_a_local_model_directory(tmp_path):
+    model = build_tiny_model("qwen3_moe", seed=3)
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(MoesimError, match="no tokenizer files"):
+        load_model(str(tmp_path / "m"))
+    tok = _byte_level_tokenizer()
+    tok.save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"))
+    assert loaded.source == "local" and loaded.name == "m"
+    loaded.model.generation_config.eos_token_id = None
+    summary = capture(loaded, PROMPTS, tmp_path / "t.parquet", max_new_tokens=2, batch_size=3)
+    real_tokens = sum(len(p.encode()) for p in PROMPTS)  # one token per byte, no BOS added
+    assert summary["prompt_tokens"] == real_tokens
+    assert summary["rows"] == (real_tokens + len(PROMPTS)) * 2
+    with pytest.raises(MoesimError, match="no such model directory"):
+        load_model(str(tmp_path / "missing"))
+
+
 def test_read_prompts(tmp_path):
     plain = tmp_path / "p.txt"
     plain.write_text("one\n\n two words \n")
@@ -417,30 +450,32 @@ def test_read_prompts(tmp_path):
         read_prompts(tmp_path / "empty.txt")
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "moesim.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+def test_capture_command(tmp_path, capsys):
+    from moesim.cli import main
 
-
-def test_capture_command(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "t.parquet"
-    res = _cli("trace", "capture", "--model", "tiny:olmoe", "--prompts", str(prompts),
-               "--max-new-tokens", "3", "--batch-size", "2", "--out", str(out), "--json")
-    assert res.returncode == 0, res.stderr
-    summary = json.loads(res.stdout)
+    code = main(["trace", "capture", "--model", "tiny:olmoe", "--prompts", str(prompts),
+                 "--max-new-tokens", "3", "--batch-size", "2", "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
     tok = ByteTokenizer()
     prompt_tokens = sum(len(tok.encode(p)) for p in PROMPTS)
     assert summary["prompt_tokens"] == prompt_tokens
     # prefill rows for every real prompt token, then (new tokens - 1) decode tokens per request
     expected_rows = (prompt_tokens + len(PROMPTS) * (3 - 1)) * 2
     assert summary["rows"] == expected_rows == Trace.read(out).validate()
-    res = _cli("trace", "capture", "--model", "Qwen/Qwen3-30B-A3B", "--prompts", str(prompts),
-               "--max-new-tokens", "3", "--out", str(tmp_path / "x.parquet"))
-    assert res.returncode == 2
-    assert res.stderr.startswith("error: model 'Qwen/Qwen3-30B-A3B' is not a local directory")
-    assert len(res.stderr.strip().splitlines()) == 1
+    # 6 forward passes, gathered into one row group rather than one per pass
+    assert summary["forward_passes"] == 6 and pq.ParquetFile(out).num_row_groups == 1
+    code = main(["trace", "capture", "--model", "Qwen/Qwen3-30B-A3B", "--prompts", str(prompts),
+                 "--max-new-tokens", "3", "--out", str(tmp_path / "x.parquet")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: model 'Qwen/Qwen3-30B-A3B' is not a local directory")
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.parquet").exists()
 
 
 def test_importing_traces_does_not_import_torch():

@@ -140,6 +140,10 @@ class LoadedModel:
     source: str  # "tiny" or "local"
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model")
+
+
 def load_model(spec: str, device: str = "cpu", dtype: str = "auto", seed: int = 0) -> LoadedModel:
     """``tiny:ARCH`` or a local directory; a hub id gives one clear line (no hub here)."""
     _check_device(device)
@@ -150,6 +154,8 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "auto", seed: int = 
             model = model.to(_torch_dtype(dtype))
         return LoadedModel(model, ByteTokenizer(), f"tiny:{arch}", "tiny")
     path = Path(spec).expanduser()
+    if not path.exists() and (path.is_absolute() or spec.startswith((".", "~"))):
+        raise MoesimError(f"{spec}: no such model directory")
     if not path.exists():
         raise MoesimError(
             f"model {spec!r} is not a local directory, and no model hub is reachable from here "
@@ -158,6 +164,11 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "auto", seed: int = 
         )
     if not (path / "config.json").exists():
         raise MoesimError(f"{path}: no config.json; expected a transformers model directory")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise MoesimError(
+            f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "beside the weights (tokenizer.save_pretrained)"
+        )
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:

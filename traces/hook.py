@@ -719,30 +719,48 @@ def model_facts(model: nn.Module, layers: list[MoELayer]) -> dict:
 
 # ----- streaming to a trace file -----------------------------------------------------------------------
 class TraceSink:
-    """Streams each pass's rows into a :class:`moesim.traces.TraceWriter` (flushed per pass).
+    """Streams each pass's rows into a :class:`moesim.traces.TraceWriter`.
 
-    The file is opened at the first pass, once the gate weights show how they were normalised
+    The hook hands over every pass as it ends; the sink writes a Parquet row group whenever
+    ``row_group_rows`` rows have gathered (a decode pass holds only batch x layers rows, and one
+    row group per pass would make the file slow to read), so memory stays bounded. The file is
+    opened at the first pass, once the gate weights show how they were normalised
     (``weight_norm``: 'normalised' when every token's weights sum to 1, else 'scaled' when the
     model multiplies them by a routed_scaling_factor, else 'raw'); it appears atomically on
     ``close()``.
     """
 
-    def __init__(self, path: str | Path, meta_fields: dict, timings: bool = True):
+    def __init__(self, path: str | Path, meta_fields: dict, timings: bool = True,
+                 row_group_rows: int = 1 << 16):
         self.path = Path(path)
         self.meta_fields = dict(meta_fields)
         self.timings = timings
+        self.row_group_rows = row_group_rows
         self._writer = None
+        self._pending: list[StepRows] = []
+        self._pending_rows = 0
         self.rows = 0
 
     def __call__(self, rows: StepRows) -> None:
         if self._writer is None:
             self._open(rows)
-        cols = rows.columns()
+        self._pending.append(rows)
+        self._pending_rows += len(rows)
+        self.rows += len(rows)
+        if self._pending_rows >= self.row_group_rows:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        cols = {name: np.concatenate([getattr(r, name) for r in self._pending])
+                for name in self._pending[0].columns()}
         if not self.timings:
             cols.pop("t_layer_s")
             cols.pop("t_step_s")
         self._writer.write_rows(**cols)
-        self.rows += len(rows)
+        self._pending.clear()
+        self._pending_rows = 0
 
     def _open(self, rows: StepRows | None) -> None:
         from moesim.traces import TraceWriter
@@ -754,7 +772,8 @@ class TraceSink:
         if self.timings:
             known = optional_columns(meta.top_k)
             extra = {"t_layer_s": known["t_layer_s"], "t_step_s": known["t_step_s"]}
-        self._writer = TraceWriter(self.path, meta, extra_schema=extra)
+        self._writer = TraceWriter(self.path, meta, extra_schema=extra,
+                                   row_group_rows=max(self.row_group_rows, 1))
         self._writer.__enter__()
 
     def close(self, exc: BaseException | None = None) -> None:
@@ -763,11 +782,19 @@ class TraceSink:
             if exc is not None:
                 return
             self._open(None)
-        writer, self._writer = self._writer, None
-        if exc is None:
-            writer.__exit__(None, None, None)
-        else:
-            writer.__exit__(type(exc), exc, exc.__traceback__)
+        try:
+            if exc is None:
+                self._write_pending()
+        except BaseException as err:
+            exc = err
+            raise
+        finally:
+            writer, self._writer = self._writer, None
+            self._pending.clear()
+            if exc is None:
+                writer.__exit__(None, None, None)
+            else:
+                writer.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def _weight_norm(rows: StepRows | None, facts: dict) -> str:

@@ -27,9 +27,7 @@ def capture_command(
 ) -> None:
     """Generate for every prompt and stream the executed expert routing to a trace file.
 
-    The hook records, per (token, MoE layer), the experts the model ran and their gate weights,
-    the phase (prefill/decode), request and position (left padding dropped), and per-layer
-    timings. Needs the 'capture' extra (torch, transformers).
+    Per (token, MoE layer): the experts the model ran and their gate weights, phase, request, position (left padding dropped) and per-layer timings. Needs the 'capture' extra (torch, transformers).
     """
     try:
         import torch  # noqa: F401
