@@ -146,15 +146,20 @@ class ComputeCosts:
         t = self._roof(tokens * self.shared_flops, self.shared_bytes, self.flops_dense)
         return np.where(tokens > 0, t + 4 * self.launch, 0.0)
 
-    def experts(self, slot_load: np.ndarray, slots_per_gpu: int):
+    def experts(self, slot_load: np.ndarray, slots_per_gpu: int, active=None):
         """Grouped GEMM per GPU: ``slot_load[..., R]`` (token, expert) pairs per physical slot.
 
         Rows are padded to the GEMM tile per expert; each active expert's weights are read once.
+        ``active`` (probability that a slot receives any token) replaces ``slot_load > 0`` for
+        expected, fractional loads.
         """
-        padded = np.ceil(slot_load / self.tile) * self.tile
+        if active is None:
+            active = (slot_load > 0).astype(float)
+        padded = np.where(slot_load >= self.tile, np.ceil(slot_load / self.tile) * self.tile,
+                          active * self.tile)
         shape = slot_load.shape[:-1] + (-1, slots_per_gpu)
         flops = padded.reshape(shape).sum(-1) * self.expert_flops
-        active = (slot_load > 0).reshape(shape).sum(-1)
+        active = active.reshape(shape).sum(-1)
         t = self._roof(flops, active * self.expert_bytes, self.flops_expert)
         return np.where(active > 0, t + 3 * self.launch, 0.0)
 
@@ -177,6 +182,7 @@ class StepRouting:
     recv_bytes: np.ndarray  # [L]
     gpu_load: np.ndarray  # [L, G] pairs per GPU
     bottleneck: list = field(default_factory=list)
+    active: np.ndarray | None = None  # [L, R] P(slot receives a token), for expected loads
 
 
 class Router:
@@ -309,6 +315,10 @@ class Router:
         t = tokens_per_gpu.astype(float) * share
         K = self.model.top_k
         out = self._empty(t.sum() * K * self.slot_share)
+        # a slot is idle only if none of the step's tokens picks it (independent tokens)
+        pick = np.minimum(K * self.slot_share, 1.0)
+        out.active = -np.expm1(t.sum() * np.log1p(-np.minimum(pick, 1 - 1e-12)))
+        out.active[pick >= 1.0] = 1.0
         if self.fast:
             T = t.sum()
             t_node = np.bincount(self.node, weights=t)[self.node]
@@ -514,7 +524,7 @@ class Simulation:
         else:
             rows = self.routing.rows(req, pos, s.prompt[req])
             routed = self.router.route_tokens(self.routing.experts[rows], src, share)
-        expert_t = c.experts(routed.slot_load, lay.slots_per_gpu)  # [L, G] per micro-batch
+        expert_t = c.experts(routed.slot_load, lay.slots_per_gpu, routed.active)  # [L, G] per mb
         L = m.moe_layers
         attn_stage = np.full(L, attn_moe.max())
         starts, drain = layer_schedule(attn_stage, routed.dispatch_s, expert_t.max(axis=1),

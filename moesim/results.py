@@ -127,10 +127,12 @@ def check_invariants(sim, res: Results) -> dict:
         need("tokens_out_equal_tokens_asked", bool((s.generated == s.output).all())
              and s.tokens_produced == int(s.output.sum()),
              f"produced {s.tokens_produced}, asked {int(s.output.sum())}")
-        fresh = 0 if s.role == "decode" else int(s.prompt.sum())
         need("prefill_tokens_equal_prompts_plus_recompute",
-             s.prefill_tokens == fresh + s.recompute_tokens,
-             f"prefilled {s.prefill_tokens}, prompts {fresh}, recomputed {s.recompute_tokens}")
+             s.prefill_tokens == s.prefill_accounted()
+             and (s.preemptions.any() or s.prefill_tokens == (0 if s.role == "decode"
+                                                              else int(s.prompt.sum()))),
+             f"prefilled {s.prefill_tokens}, accounted {s.prefill_accounted()}, "
+             f"recomputed {s.recompute_tokens}")
     else:
         need("no_request_finishes_twice", bool((s.finish_count <= 1).all()), "a request finished twice")
         need("tokens_out_at_most_asked", bool((s.generated <= s.output).all()), "over-generation")

@@ -103,6 +103,9 @@ class Scheduler:
         # a request's prefill covers sequence positions [0, target); recompute raises target
         self.target = self.prompt.copy()
         self.prefilled = self.prompt.copy() if role == "decode" else np.zeros(n, dtype=np.int64)
+        # prefill positions of the current pass that were never computed here (decode role:
+        # the prompt's KV arrives with the request); 0 after a preemption
+        self.credited = self.prefilled.copy()
         self.generated = np.zeros(n, dtype=np.int64)
         self.first_token_s = np.full(n, np.nan)
         self.finish_s = np.full(n, np.nan)
@@ -113,7 +116,8 @@ class Scheduler:
         self.waiting = _EMPTY  # request ids in queue order
         self.next_arrival = 0  # first request not yet arrived (arrivals are sorted)
         self.num_done = 0
-        # token accounting for the invariants
+        # token accounting for the invariants: every computed prefill token is either part of
+        # a request's last prefill pass (target - credited) or was thrown away by a preemption
         self.prefill_tokens = 0
         self.recompute_tokens = 0
         self.tokens_produced = 0
@@ -177,8 +181,11 @@ class Scheduler:
         self.running = run[~np.isin(run, victims)]
         self.state[victims] = WAITING
         self.preemptions[victims] += 1
+        # computed prefill tokens thrown away with the KV (they are computed again)
+        self.recompute_tokens += int((self.prefilled[victims] - self.credited[victims]).sum())
         self.target[victims] = self.prompt[victims] + self.generated[victims]
         self.prefilled[victims] = 0
+        self.credited[victims] = 0
         # preempted requests go to the front of the queue, oldest first
         self.waiting = np.concatenate([np.sort(victims), self.waiting])
 
@@ -212,7 +219,8 @@ class Scheduler:
         left = budget[g] - before
         if self.chunked:
             chunk = np.clip(left, 0, rem)
-        else:
+        else:  # a recompute pass longer than the whole budget is still split
+            rem = np.minimum(rem, self.max_tokens)
             chunk = np.where(left >= rem, rem, 0)
             # no chunking: the queue stops at the first prompt that does not fit
             blocked = grouped_exclusive_cumsum(g, (chunk == 0).astype(np.int64), self.num_groups)
@@ -224,6 +232,8 @@ class Scheduler:
         cand = self.waiting
         g = self.group[cand]
         rem = self.target[cand] - self.prefilled[cand]
+        if not self.chunked:  # a recompute pass longer than the whole budget is still split
+            rem = np.minimum(rem, self.max_tokens)
         cost = np.maximum(rem, 1)  # a request arriving with its KV (decode role) decodes at once
         n_run = np.bincount(self.group[run], minlength=G)
         kv_used = np.bincount(self.group[run], weights=self._reserved(run), minlength=G)
@@ -256,10 +266,7 @@ class Scheduler:
     # ----- completing a step ---------------------------------------------------------------
     def finish_step(self, batch: Batch, now: float) -> np.ndarray:
         """Advance requests after the step ending at ``now``; return the requests that finished."""
-        recompute = np.minimum(batch.pre_len, np.maximum(
-            0, batch.pre_start + batch.pre_len - self.prompt[batch.pre_idx]))
         self.prefill_tokens += batch.num_prefill
-        self.recompute_tokens += int(recompute.sum())
         self.prefilled[batch.pre_idx] += batch.pre_len
         completed = batch.pre_idx[self.prefilled[batch.pre_idx] >= self.target[batch.pre_idx]]
         producers = np.concatenate([batch.dec_idx, completed])
@@ -277,6 +284,10 @@ class Scheduler:
         return done
 
     # ----- views ------------------------------------------------------------------------------
+    def prefill_accounted(self) -> int:
+        """Prefill tokens the requests' passes account for (equals prefill_tokens when done)."""
+        return int((self.target - self.credited).sum()) + self.recompute_tokens
+
     def kv_used(self) -> np.ndarray:
         """KV tokens reserved per group now."""
         run = self.running
