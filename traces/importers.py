@@ -22,8 +22,6 @@ import binascii
 import io
 import json
 import re
-import zipfile
-import zlib
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,9 +41,6 @@ from moesim.traces.schema import (
 )
 from moesim.traces.trace import Trace
 
-# What numpy and zipfile raise on a damaged .npy/.npz (besides MoesimError).
-_NUMPY_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile,
-                      zlib.error, RuntimeError, NotImplementedError, MemoryError, OverflowError)
 # Expert ids are int16 in the trace schema.
 MAX_EXPERTS = 1 << 15
 # Prefix of optional trace columns inside an arrays-npz archive (col_residency, ...).
@@ -122,6 +117,13 @@ def _int_array(arr, what: str, where: str) -> np.ndarray:
         return arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
         raise TraceError(f"{where}: {what} must hold integers, got dtype {arr.dtype}")
+    return arr
+
+
+def _int32_range(arr: np.ndarray, what: str, where: str) -> np.ndarray:
+    """Ids, steps and positions are int32 in the schema and never negative."""
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        raise TraceError(f"{where}: {what} must be between 0 and 2^31-1")
     return arr
 
 
@@ -227,7 +229,7 @@ def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _load_npy(source, where: str) -> np.ndarray:
     try:
         arr = np.load(source, allow_pickle=False)
-    except _NUMPY_READ_ERRORS as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged header raises anything ast/tokenize can
         raise TraceError(f"{where}: not a readable .npy array ({_first_line(exc)})") from None
     if isinstance(arr, np.lib.npyio.NpzFile):
         arr.close()
@@ -243,7 +245,9 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise TraceError(f"{path}: is a single .npy array, expected an .npz archive")
             return {name: npz[name] for name in npz.files}
-    except _NUMPY_READ_ERRORS as exc:
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip, zlib and .npy header damage raise many types
         raise TraceError(f"{path}: not a readable .npz archive ({_first_line(exc)})") from None
 
 
@@ -410,10 +414,10 @@ def read_arrays_npz(path: Path, preset: MoEModel | None) -> Trace:
             arr = _int_array(arrays[key], key, where)
             if arr.shape != (T,):
                 raise TraceError(f"{path}: {key} has shape {arr.shape}, expected ({T},)")
-            per_token[key] = arr
+            per_token[key] = _int32_range(arr, key, where)
     request_ids = arrays.get("request_ids")
     if request_ids is not None:
-        request_ids = _int_array(request_ids, "request_ids", where)
+        request_ids = _int32_range(_int_array(request_ids, "request_ids", where), "request_ids", where)
     extras = _npz_extras(arrays, T, L, path)
     meta_json = _npz_meta(arrays, path)
 
@@ -635,6 +639,16 @@ def _torch_load(path: Path):
         raise TraceError(f"{path}: not a readable torch .pt file ({_first_line(exc)})") from None
 
 
+def _opt_int(value, what: str, where: str) -> int | None:
+    """An optional integer field that may arrive as a Python int, numpy or 0-d tensor."""
+    if value is None:
+        return None
+    arr = _to_numpy(value, what, where)
+    if arr.ndim != 0 or arr.dtype.kind not in "iu":
+        raise TraceError(f"{where}: {what} must be one integer, got {str(value)[:40]!r}")
+    return int(arr)
+
+
 def _to_numpy(value, what: str, where: str) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
@@ -680,13 +694,17 @@ def read_sglang_per_token(path: Path, preset: MoEModel | None) -> Trace:
     dump = _torch_load(path)
     if not isinstance(dump, dict) or not isinstance(dump.get("records"), list):
         raise TraceError(f"{path}: not an SGLang per_token dump (expected a dict with a 'records' list)")
-    records = [r for r in dump["records"] if isinstance(r, dict) and r.get("gatherer_key", "primary") == "primary"]
-    if len(records) != len(dump["records"]):
-        bad = next(r for r in dump["records"] if not isinstance(r, dict))
-        raise TraceError(f"{path}: a record is a {type(bad).__name__}, expected a dict")
+    for i, rec in enumerate(dump["records"]):
+        if not isinstance(rec, dict):
+            raise TraceError(f"{path}: record {i} is a {type(rec).__name__}, expected a dict")
+    # only the primary gatherer records whole passes (others are two-batch-overlap halves)
+    records = [r for r in dump["records"] if r.get("gatherer_key", "primary") == "primary"]
     if not records:
-        raise TraceError(f"{path}: the dump holds no records")
-    records.sort(key=lambda r: r.get("forward_pass_id", 0) if isinstance(r.get("forward_pass_id", 0), int) else 0)
+        raise TraceError(f"{path}: the dump holds no records of the primary gatherer")
+    pass_ids = [_opt_int(r.get("forward_pass_id"), "forward_pass_id", f"{where}: record {i}")
+                for i, r in enumerate(records)]
+    order = sorted(range(len(records)), key=lambda i: pass_ids[i] or 0)  # stable
+    records = [records[i] for i in order]
 
     linker = _RequestLinker()
     blocks, steps, positions, phases, reqs = [], [], [], [], []
@@ -709,7 +727,7 @@ def read_sglang_per_token(path: Path, preset: MoEModel | None) -> Trace:
             raise TraceError(f"{rwhere}: topk_ids_of_layer has {ids.shape[0]} layers x "
                              f"{ids.shape[2]} slots, earlier records {num_layers} x {width}")
         n = len(pos)
-        mode = rec.get("forward_mode")
+        mode = _opt_int(rec.get("forward_mode"), "forward_mode", rwhere)
         if n == 0 or mode == SGLANG_IDLE:
             continue
         if isinstance(mode, int) and mode > SGLANG_IDLE:
@@ -761,7 +779,8 @@ def _sglang_segments(extend_seq_lens, n: int, mode, where: str):
         return [(i, 1) for i in range(n)], [PHASE_DECODE] * n
     lens = _int_array(_to_numpy(extend_seq_lens, "extend_seq_lens", where), "extend_seq_lens", where)
     if lens.ndim != 1 or (lens <= 0).any() or int(lens.sum()) != n:
-        raise TraceError(f"{where}: extend_seq_lens {lens.tolist()[:8]} do not split its {n} tokens")
+        raise TraceError(f"{where}: extend_seq_lens {np.ravel(lens).tolist()[:8]} do not split "
+                         f"its {n} tokens")
     starts = np.cumsum(lens) - lens
     return list(zip(starts.tolist(), lens.tolist(), strict=True)), [PHASE_PREFILL] * len(lens)
 
