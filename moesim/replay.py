@@ -206,6 +206,12 @@ class ReplayResult:
             out[self.prefetched] = 2
         return out
 
+    def per_clock(self, stream: AccessStream) -> tuple[np.ndarray, np.ndarray]:
+        """Miss bytes and miss count per clock (token or step), summed over its batches."""
+        n = int(stream.batch_clock.max()) + 1 if stream.num_batches else 0
+        return (np.bincount(stream.batch_clock, weights=self.batch_miss_bytes, minlength=n),
+                np.bincount(stream.batch_clock, weights=self.batch_misses, minlength=n))
+
     def summary(self) -> dict:
         s = self.stats
         return {"policy": self.policy, "capacity": self.capacity, "unit": self.unit, "scope": self.scope,

@@ -77,18 +77,24 @@ class FlashIO:
 
 
 def calibrate(total_bytes, reads, io_s, stall_s=None, mgmt_s=None, *, threads: int = 4,
-              page_size: int = 4096, source: str = "") -> FlashIO:
+              page_size: int = 4096, read_latency: float | None = None, source: str = "") -> FlashIO:
     """Fit a FlashIO to measured tokens: io_s = summed thread seconds (least squares on
     reads x latency + paged bytes / bandwidth + overhead), stall_s = exposed x io_s / threads,
-    mgmt_s = a x bytes + b x reads. Arrays are per token."""
+    mgmt_s = a x bytes + b x reads. Arrays are per token. When reads are all about the same size,
+    bytes and reads are collinear: pass the device's ``read_latency`` to fit only the bandwidth."""
     b = np.asarray(total_bytes, float)
     r = np.asarray(reads, float)
     io = np.asarray(io_s, float)
     if not (len(b) == len(r) == len(io)) or len(b) < 3:
         raise StorageError("calibration needs at least 3 tokens with bytes, reads and I/O time")
     mask = r > 0
-    X = np.c_[r[mask], b[mask], np.ones(mask.sum())]
-    (lat, inv_bw, over), *_ = np.linalg.lstsq(X, io[mask], rcond=None)
+    if read_latency is None:
+        X = np.c_[r[mask], b[mask], np.ones(mask.sum())]
+        (lat, inv_bw, over), *_ = np.linalg.lstsq(X, io[mask], rcond=None)
+    else:
+        lat = float(read_latency)
+        X = np.c_[b[mask], np.ones(mask.sum())]
+        (inv_bw, over), *_ = np.linalg.lstsq(X, io[mask] - lat * r[mask], rcond=None)
     if inv_bw <= 0:
         raise StorageError("calibration found no positive bandwidth: are bytes and I/O time aligned?")
     model = FlashIO(thread_bw=1.0 / inv_bw, threads=threads, read_latency=max(lat, 0.0), page_size=page_size,
