@@ -288,6 +288,8 @@ class _Request:
         self.resident = np.zeros((n_m, n_c, L, E), dtype=bool)
         self.last_use = np.full((L, E), -1, dtype=np.int64)
         self.seen = np.zeros((L, E), dtype=bool)
+        self.seen_count = np.zeros(L, dtype=np.int64)  # distinct experts used so far, per layer
+        self.held = np.zeros((n_m, n_c, L), dtype=np.int64)  # residents per cache
         self.clock = 0
 
     @property
@@ -365,7 +367,9 @@ class SegmentStats:
         self._closed.add(request)
 
     def _append(self, state: _Request, token: np.ndarray, layer: np.ndarray, experts: np.ndarray) -> None:
-        uniq, local = np.unique(token, return_inverse=True)
+        # rows are in execution order, so token ids only grow: number them by change points
+        change = np.r_[True, token[1:] != token[:-1]]
+        uniq, local = token[change], np.cumsum(change) - 1
         block = np.full((len(uniq), self.L, self.K), -1, dtype=np.int16)
         block[local, layer] = experts
         if uniq[0] == state.last_token:  # a token split across two batches: merge its layers
@@ -419,41 +423,62 @@ class SegmentStats:
     # --- SCH: serve tokens [t0, t1), looking ahead up to token ``ready``
     def _add_sch(self, state: _Request, t0: int, t1: int, ready: int) -> None:
         L, E, K = self.L, self.E, self.K
+        n_m, n_c = len(self.seg), len(self.caps)
+        V = n_m * n_c  # one cache per (m, C) variant and layer
         hi = min(ready, t1 + self.m_max)
         cum = self._cumulative(state, t0, hi)
         n_cum = len(cum) - 1
-        caps = np.array(self.caps, dtype=np.int64)[None, :, None]  # [1, C, 1]
+        caps = np.tile(np.array(self.caps, dtype=np.int64), n_m)  # [V]
         seg = np.array(self.seg, dtype=np.int64)
         big = np.int64(1) << 40
         never = np.iinfo(np.int64).max
-        resident, last_use, seen = state.resident, state.last_use, state.seen
-        slot_order = np.arange(K, dtype=np.int64)
+        resident = state.resident.reshape(V, L * E)  # views: updates land in the state
+        held = state.held.reshape(V, L)
+        last_use = state.last_use.reshape(L * E)
+        seen = state.seen.reshape(L * E)
+        hits_out = self.sch_hits.reshape(V, L)
         for t in range(t0, t1):
             toks = state.tokens[t - state.start]  # [L, K]
-            lay, s = np.nonzero(toks >= 0)
-            need = np.zeros((L, E), dtype=bool)
-            need[lay, toks[lay, s]] = True
-            self.sch_accesses += need.sum(axis=1)
-            hits = (resident & need).sum(axis=3)
-            new = (need & ~seen).sum(axis=1)
-            prior = seen.sum(axis=1)  # distinct experts used before this token, per layer
-            self.sch_hits += hits + np.clip(caps - prior, 0, new)
-            seen |= need
+            lay, slot = np.nonzero(toks >= 0)  # accesses sorted by layer
+            if len(lay) == 0:
+                continue
+            key = lay * E + toks[lay, slot]
+            layers, starts, n_acc = np.unique(lay, return_index=True, return_counts=True)
+            self.sch_accesses[layers] += n_acc
+            was_resident = resident[:, key]  # [V, accesses]
+            hits = np.add.reduceat(was_resident, starts, axis=1)  # [V, layers]
+            new = np.add.reduceat(~seen[key], starts)  # first uses, per layer
+            prior = state.seen_count[layers]  # distinct experts used before this token
+            hits_out[:, layers] += hits + np.clip(caps[:, None] - prior, 0, new)
+            seen[key] = True
+            state.seen_count[layers] += new
             # recency ties: later layers and slots of one token count as more recent
-            last_use[lay, toks[lay, s]] = state.clock + lay * K + slot_order[s]
+            last_use[key] = state.clock + lay * K + slot
             state.clock += L * K
-            resident |= need
-            over = resident.sum(axis=3) - caps  # [M, C, L]
-            kmax = int(over.max())
-            if kmax <= 0:
+            held[:, layers] += n_acc - hits
+            resident[:, key] = True
+            over = held - caps[:, None]  # [V, L]
+            v, lr = np.nonzero(over > 0)
+            if len(v) == 0:
                 continue
             r = t - t0
             future = cum[np.minimum(r + 1 + seg, n_cum)] - cum[r + 1]  # [M, L, E] uses in t+1..t+m
-            score = np.where(resident & ~need, future[:, None] * big + last_use, never)
-            part = np.partition(score, np.arange(kmax), axis=3)[..., :kmax]
-            cutoff = np.take_along_axis(part, np.clip(over - 1, 0, kmax - 1)[..., None], axis=3)
+            need = np.zeros((L, E), dtype=bool)
+            need.reshape(-1)[key] = True
+            rows = resident.reshape(V, L, E)[v, lr]  # [R, E]
+            score = np.where(rows & ~need[lr], future[v // n_c, lr] * big + last_use.reshape(L, E)[lr], never)
+            n_out = over[v, lr]
+            kmax = int(n_out.max())
+            # the kmax lowest scores per row, then the first n_out of them in order
+            cand = np.argpartition(score, kmax - 1, axis=1)[:, :kmax] if kmax < E else np.argsort(score, axis=1)
+            cand_score = np.take_along_axis(score, cand, axis=1)
+            order = np.argsort(cand_score, axis=1)
+            cand = np.take_along_axis(cand, order, axis=1)
             # a cache smaller than one token's experts keeps them until the next token
-            resident &= ~((score <= cutoff) & (score < never) & (over > 0)[..., None])
+            out = (np.arange(cand.shape[1]) < n_out[:, None]) & (np.take_along_axis(cand_score, order, axis=1) < never)
+            ri, ci = np.nonzero(out)
+            resident[v[ri], lr[ri] * E + cand[ri, ci]] = False
+            np.subtract.at(held, (v[ri], lr[ri]), 1)
 
     # --- results
     def srp(self) -> dict:
@@ -740,9 +765,12 @@ class _WorkingSet:
 
     def add(self, keys: np.ndarray, token: np.ndarray) -> None:
         window = np.repeat(token // self.w, keys.shape[1])
-        pairs = np.unique(window * self.D + keys.reshape(-1))
-        win, key = pairs // self.D, pairs % self.D
-        first, last = int(win[0]), int(win[-1])
+        first, last = int(window[0]), int(window[-1])
+        # mark (window, key) in a dense table: cheaper than sorting the chunk's accesses
+        marks = np.zeros((last - first + 1, self.D), dtype=bool)
+        marks[window - first, keys.reshape(-1)] = True
+        win, key = np.nonzero(marks)
+        win += first
         if first != self._open_window:
             self._close_open()
             self._open_window = first
