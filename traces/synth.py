@@ -299,15 +299,16 @@ def gate_weights(score: np.ndarray, ids: np.ndarray, params: SynthParams) -> np.
     """Gate weights of the chosen experts as the model's router computes them."""
     if not params.weights_recorded:
         return np.full(ids.shape, 1.0 / params.top_k, dtype=np.float32)
-    logits = np.float32(params.weight_scale) * score
-    chosen = np.take_along_axis(logits, ids, axis=1)
+    scale = np.float32(params.weight_scale)
+    chosen = scale * np.take_along_axis(score, ids, axis=1)
     if params.router == "sigmoid":
         w = 1.0 / (1.0 + np.exp(-chosen))
-    elif params.norm_topk_prob:  # the softmax denominator cancels in the renormalisation
-        w = np.exp(chosen - chosen.max(axis=1, keepdims=True))
     else:
-        top = logits.max(axis=1, keepdims=True)
-        w = np.exp(chosen - top) / np.exp(logits - top).sum(axis=1, keepdims=True)
+        # shift by the best chosen logit (the row's best, or near it under group limits)
+        top = chosen.max(axis=1, keepdims=True)
+        w = np.exp(chosen - top)
+        if not params.norm_topk_prob:  # renormalising would cancel the softmax denominator
+            w /= np.exp(scale * score - top).sum(axis=1, keepdims=True)
     if params.norm_topk_prob:
         w = w / w.sum(axis=1, keepdims=True)
     return (w * params.routed_scaling_factor).astype(np.float32)
@@ -537,7 +538,7 @@ class _Latent:
         if c > 0:
             z += np.float32(own * math.sqrt(c)) * u[req]
         if a > 0:
-            z += np.float32(a) * z_prev[:, self.inverse[layer]]
+            z += np.float32(a) * np.take(z_prev, self.inverse[layer], axis=1)
         return z
 
 
