@@ -367,6 +367,77 @@ def test_switch_keeps_encoder_and_decoder_layers_apart(tmp_path):
     assert sorted(set(rows["token_pos"][~enc])) == [n_prompt, n_prompt + 1]
 
 
+def test_jetmoe_attention_experts_are_opt_in():
+    model = _loaded("jetmoe").model
+    assert [layer.path for layer in find_moe_layers(model)] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    sink_rows = []
+    rec = RoutingRecorder(model, sink_rows.append, attention_experts=True)
+    paths = [layer.path for layer in rec.layers]
+    assert paths == ["model.layers.0.mlp", "model.layers.0.self_attention.experts",
+                     "model.layers.1.mlp", "model.layers.1.self_attention.experts"]
+    enc = ByteTokenizer()(PROMPTS[:2])
+    with rec, torch.no_grad():
+        model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    real = int(enc["attention_mask"].sum())
+    assert sum(len(r) for r in sink_rows) == (real + 2 * 2) * 4
+
+
+class _LinearGateBlock(torch.nn.Module):
+    """A transformers-4.x-style block: nn.Linear gate (bare logits), ModuleList of experts."""
+
+    def __init__(self, hidden=16, experts=6, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(experts))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = torch.topk(torch.softmax(self.gate(flat), dim=-1), self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        for t in range(flat.shape[0]):
+            for j in range(self.top_k):
+                out[t] += w[t, j] * self.experts[int(idx[t, j])](flat[t])
+        return out.view_as(x)
+
+
+class _ToyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(model_type="toy", num_experts_per_tok=2)
+        self.embed = torch.nn.Embedding(50, 16)
+        self.layers = torch.nn.ModuleList(_LinearGateBlock() for _ in range(2))
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
+
+
+def test_a_bare_logits_router_is_recomputed_and_marked_inexact():
+    torch.manual_seed(0)
+    model = _ToyModel().eval()
+    sink_rows = []
+    rec = RoutingRecorder(model, sink_rows.append)
+    assert [(layer.path, layer.source, layer.exact) for layer in rec.layers] == [("layers.0", "router-output", False), ("layers.1", "router-output", False)]
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    executed = []
+    hooks = [blk.gate.register_forward_hook(
+        lambda m, a, o: executed.append(torch.topk(torch.softmax(o, -1), 2, -1).indices)) for blk in model.layers]
+    with rec, torch.no_grad():
+        model(ids, attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    for h in hooks:
+        h.remove()
+    (rows,) = sink_rows
+    assert len(rows) == 7 * 2  # one padding token left out
+    want = torch.stack(executed, dim=1).reshape(8, 2, 2)[1:].reshape(-1, 2).numpy()
+    np.testing.assert_array_equal(rows.expert_ids, want)
+    assert [entry["exact"] for entry in rec.meta_fields()["capture"]["layers"]] == [False, False]
+
+
 def test_a_model_without_experts_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 

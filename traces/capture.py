@@ -255,12 +255,16 @@ def capture(loaded: LoadedModel, prompts: Sequence[str], out: str | os.PathLike,
     holder: dict = {}
     recorder = RoutingRecorder(model, lambda rows: holder["sink"](rows), eos_token_ids=eos)
     device = next(model.parameters()).device
-    fields = recorder.meta_fields(loaded.name)
-    fields["capture"].update({
-        "driver": "generate", "device": str(device), "batch_size": batch_size,
-        "max_new_tokens": max_new_tokens, "do_sample": do_sample, "seed": seed,
-        "prompts": len(prompts), "model_source": loaded.source, **(settings or {}),
-    })
+    recorder.meta_fields(loaded.name)  # refuse a model that cannot make one trace, before running
+    driver = {"driver": "generate", "device": str(device), "batch_size": batch_size,
+              "max_new_tokens": max_new_tokens, "do_sample": do_sample, "seed": seed,
+              "prompts": len(prompts), "model_source": loaded.source, **(settings or {})}
+
+    def fields() -> dict:
+        meta = recorder.meta_fields(loaded.name)
+        meta["capture"].update(driver)
+        return meta
+
     sink = TraceSink(out, fields, timings=timings)
     holder["sink"] = sink
     pad = getattr(tok, "pad_token_id", None)

@@ -214,7 +214,10 @@ def _experts_block(model, path, block, router, experts, router_name) -> MoELayer
         source, source_path, module = "experts-args", f"{path}.experts", experts
     else:
         source, source_path, module = "router-output", f"{path}.{router_name}", router
-    return MoELayer(0, path, block, source, source_path, num_experts, top_k, _source_module=module)
+    # a plain nn.Linear gate (transformers 4.x) returns bare logits: top-k must be recomputed
+    exact = takes_routing or type(router) is not nn.Linear
+    return MoELayer(0, path, block, source, source_path, num_experts, top_k, exact=exact,
+                    _source_module=module)
 
 
 def _sorted_gating_block(model, path, block, router, router_name) -> MoELayer:
@@ -556,6 +559,8 @@ class RoutingRecorder:
     def _make_output_hook(self, layer: MoELayer):
         def hook(module, args, output):
             if self._pass is not None:
+                if torch.is_tensor(output):
+                    layer.exact = False  # bare logits: recomputed, named in the metadata
                 self._store(layer, _router_output(output, layer.num_experts, layer.top_k))
 
         return hook
@@ -647,6 +652,8 @@ class RoutingRecorder:
 
 def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict:
     """Arguments of a call by parameter name, with any ``**kwargs`` catch-all flattened in."""
+    if not args:  # generate() passes everything by keyword: nothing to bind
+        return kwargs
     arguments = dict(sig.bind_partial(*args, **kwargs).arguments)
     for name, param in sig.parameters.items():
         if param.kind == inspect.Parameter.VAR_KEYWORD and name in arguments:
@@ -730,10 +737,11 @@ class TraceSink:
     ``close()``.
     """
 
-    def __init__(self, path: str | Path, meta_fields: dict, timings: bool = True,
-                 row_group_rows: int = 1 << 16):
+    def __init__(self, path: str | Path, meta_fields: dict | Callable[[], dict],
+                 timings: bool = True, row_group_rows: int = 1 << 16):
         self.path = Path(path)
-        self.meta_fields = dict(meta_fields)
+        # a callable is asked when the file opens, after the first pass (facts found while running)
+        self.meta_fields = meta_fields
         self.timings = timings
         self.row_group_rows = row_group_rows
         self._writer = None
@@ -765,7 +773,7 @@ class TraceSink:
     def _open(self, rows: StepRows | None) -> None:
         from moesim.traces import TraceWriter
 
-        fields = dict(self.meta_fields)
+        fields = dict(self.meta_fields() if callable(self.meta_fields) else self.meta_fields)
         fields["weight_norm"] = _weight_norm(rows, fields.get("extra", {}))
         meta = TraceMeta(**fields)
         extra = None
