@@ -471,3 +471,28 @@ def test_the_documented_esft_command_works(esft_npz, tmp_path):
     s = json.loads(proc.stdout)
     assert (s["tokens"], s["layers"], s["experts"], s["top_k"]) == (8327, 26, 64, 6)
     assert Trace.read(out).num_rows == 8327 * 26
+
+
+# ----- what 'moesim trace stats' reports on the imported real traces ------------------------------
+def stats_json(capsys, path):
+    code, out, err = run_cli(capsys, "trace", "stats", str(path), "--json", "--segment-lengths", "none")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_stats_of_the_imported_phone_trace_match_its_csv(phone, tmp_path, capsys):
+    _, t, (header, _, df) = phone
+    s = stats_json(capsys, t.write(tmp_path / "phone.parquet"))
+    assert (s["layers"], s["experts"], s["top_k"]) == (48, 128, 6)
+    assert (s["layers"], s["experts"], s["top_k"]) == tuple(
+        int(header[k]) for k in ("n_layer", "n_expert", "n_expert_used"))
+    assert s["tokens"] == df.step.nunique() == 156
+
+
+def test_stats_of_the_imported_esft_law_trace(esft_npz, tmp_path, capsys):
+    out = tmp_path / "law.parquet"
+    code, _, err = run_cli(capsys, "trace", "import", "--format", "arrays-npz", str(esft_npz["law"]),
+                           "--out", str(out))
+    assert code == 0, err
+    s = stats_json(capsys, out)
+    assert (s["tokens"], s["layers"], s["experts"], s["top_k"]) == (8327, 26, 64, 6)

@@ -517,8 +517,7 @@ def read_route_trace(path: Path, preset: MoEModel | None) -> Trace:
     if body_start >= len(lines):
         raise TraceError(f"{path}: no CSV header and rows after the comment lines")
     try:
-        df = pd.read_csv(io.StringIO("\n".join(lines[body_start:])), dtype=str,
-                         keep_default_na=False)
+        df = pd.read_csv(io.StringIO("\n".join(lines[body_start:])), keep_default_na=False)
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise TraceError(f"{path}: malformed CSV ({_first_line(exc)})") from None
     missing = [c for c in _ROUTE_REQUIRED if c not in df.columns]
@@ -530,34 +529,39 @@ def read_route_trace(path: Path, preset: MoEModel | None) -> Trace:
     for name in (*_ROUTE_INT_COLUMNS, "weight"):
         if name not in df.columns:
             continue
-        values = pd.to_numeric(df[name].str.strip(), errors="coerce").to_numpy(dtype=np.float64)
+        column = df[name]
+        if column.dtype.kind not in "iuf":  # a stray text cell: parse what is numeric, flag the rest
+            column = pd.to_numeric(column.astype(str).str.strip(), errors="coerce")
+        values = column.to_numpy(dtype=np.float64)
         bad = ~np.isfinite(values)
         if name != "weight":
             bad |= values != np.round(values)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise TraceError(f"{path}: line {body_start + row + 2}: column {name!r} holds "
+            raise TraceError(f"{path}: data row {row + 1}: column {name!r} holds "
                              f"{df[name].iloc[row]!r}, expected a {'number' if name == 'weight' else 'whole number'}"[:300])
         if name != "weight" and np.abs(values).max() >= 2**53:
             raise TraceError(f"{path}: column {name!r} holds a value too large to be a count or id")
         cols[name] = values if name == "weight" else values.astype(np.int64)
-    _check_route_ranges(cols, L, E, K, path, body_start)
+    _check_route_ranges(cols, L, E, K, path)
     turn = cols.get("turn", np.zeros(len(df), dtype=np.int64))
     step = cols["step"]
     # tokens are (turn, absolute position); execution order is turn, then position
-    tok_keys, tok = np.unique(np.stack([turn, step], axis=1), axis=0, return_inverse=True)
+    span = int(step.max()) + 1  # one int64 key per token: turn-major, then position
+    keys, tok = np.unique(turn * span + step, return_inverse=True)
     tok = tok.reshape(-1)
+    tok_keys = np.stack([keys // span, keys % span], axis=1)
     T = len(tok_keys)
     if T * L * K > 64 * len(df) + (1 << 20):
         raise TraceError(f"{path}: the header's n_layer={L} x n_expert_used={K} is far larger "
                          f"than its {len(df)} rows fill; check the header")
     cell = (tok * L + cols["layer"]) * K + cols["slot"]
     order = np.argsort(cell, kind="stable")
-    repeats = order[1:][cell[order][1:] == cell[order][:-1]]
+    uniq = cell[order]
+    repeats = order[1:][uniq[1:] == uniq[:-1]]
     if len(repeats):
         row = int(repeats.min())
-        raise TraceError(f"{path}: line {body_start + row + 2} repeats a (turn, step, layer, slot)")
-    uniq = np.unique(cell)
+        raise TraceError(f"{path}: data row {row + 1} repeats a (turn, step, layer, slot)")
     slots_per_cell = np.bincount(uniq // K, minlength=T * L)
     partial = np.flatnonzero((slots_per_cell > 0) & (slots_per_cell < K))
     if len(partial):
@@ -568,7 +572,7 @@ def read_route_trace(path: Path, preset: MoEModel | None) -> Trace:
     phase_tok[tok] = cols["phase"]
     if (phase_tok[tok] != cols["phase"]).any():
         row = int(np.flatnonzero(phase_tok[tok] != cols["phase"])[0])
-        raise TraceError(f"{path}: line {body_start + row + 2}: one token's rows disagree on phase")
+        raise TraceError(f"{path}: data row {row + 1}: one token's rows disagree on phase")
 
     experts = np.full((T, L, K), -1, dtype=np.int16)
     weights = np.zeros((T, L, K), dtype=np.float32)
@@ -605,7 +609,7 @@ def read_route_trace(path: Path, preset: MoEModel | None) -> Trace:
     return _with_positions(trace, experts, tok_keys[:, 1])
 
 
-def _check_route_ranges(cols: dict, L: int, E: int, K: int, path: Path, body_start: int) -> None:
+def _check_route_ranges(cols: dict, L: int, E: int, K: int, path: Path) -> None:
     limits = {"turn": (0, 2**31 - 1), "phase": (0, 1), "step": (0, 2**31 - 1),
               "layer": (0, L - 1), "slot": (0, K - 1), "expert": (0, E - 1),
               "residency": (0, 2), "expert_bytes": (0, 2**62)}
@@ -615,7 +619,7 @@ def _check_route_ranges(cols: dict, L: int, E: int, K: int, path: Path, body_sta
         bad = (cols[name] < lo) | (cols[name] > hi)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise TraceError(f"{path}: line {body_start + row + 2}: {name} {cols[name][row]} is "
+            raise TraceError(f"{path}: data row {row + 1}: {name} {cols[name][row]} is "
                              f"outside {lo}..{hi}")
 
 
