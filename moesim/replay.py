@@ -358,12 +358,13 @@ def lru_curve(stream: AccessStream, capacities, scope: str = "global") -> np.nda
         if scope == "global":
             finite = np.sort(dist[dist >= 0])
             return np.searchsorted(finite, np.asarray(caps), side="left") / n
-        layer = stream.keys // stream.num_experts
-        out = []
-        for c in caps:
-            pc = np.asarray(_pool_caps(c, scope, stream.num_layers))
-            out.append(float(((dist >= 0) & (dist < pc[layer])).sum()) / n)
-        return np.asarray(out)
+        L, E = stream.num_layers, stream.num_experts
+        layer = stream.keys // E
+        ok = dist >= 0
+        hist = np.bincount(layer[ok] * E + dist[ok], minlength=L * E).reshape(L, E)
+        cum = np.concatenate([np.zeros((L, 1), dtype=np.int64), np.cumsum(hist, axis=1)], axis=1)
+        rows = np.arange(L)
+        return np.asarray([cum[rows, np.minimum(_pool_caps(c, scope, L), E)].sum() / n for c in caps])
     pools = [p.tolist() for p in _pools(stream, scope)]
     return np.asarray([sum(lru_hits(p, cap) for p, cap in zip(pools, _pool_caps(c, scope, stream.num_layers), strict=False)) / n
                        for c in caps])
@@ -371,19 +372,23 @@ def lru_curve(stream: AccessStream, capacities, scope: str = "global") -> np.nda
 
 def stack_distances(stream: AccessStream, scope: str = "global") -> np.ndarray | None:
     """LRU stack distance of every lookup (-1 on first use) within its pool, from the vectorised
-    ``moesim.traces.stats`` implementation; None where that module is not available."""
+    ``moesim.traces.stats.stack_distances``; None where it does not apply (batch accounting, or
+    tokens missing layers) so the caller replays each size instead."""
+    if stream.accounting != "token" or stream.num_batches == 0:
+        return None
     try:
-        from moesim.traces.stats import stack_distances_of_keys
+        from moesim.traces.stats import stack_distances as trace_stack_distances
     except ImportError:
         return None
-    if scope == "global":
-        return np.asarray(stack_distances_of_keys(stream.keys), dtype=np.int64)
-    out = np.empty(len(stream.keys), dtype=np.int64)
-    layer = stream.keys // stream.num_experts
-    for lay in range(stream.num_layers):
-        idx = np.flatnonzero(layer == lay)
-        out[idx] = stack_distances_of_keys(stream.keys[idx])
-    return out
+    L, E = stream.num_layers, stream.num_experts
+    widths = np.diff(stream.batch_ptr)
+    K = int(widths[0])
+    T = stream.num_batches // L
+    if (widths != K).any() or T * L != stream.num_batches or \
+            (stream.batch_layer != np.tile(np.arange(L), T)).any():
+        return None
+    experts = (stream.keys % E).reshape(T, L, K)
+    return np.asarray(trace_stack_distances(experts, scope), dtype=np.int64)
 
 
 def belady_hits(keys: np.ndarray, next_use: np.ndarray, capacity: int, row: int = 1) -> int:
