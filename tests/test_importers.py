@@ -496,3 +496,13 @@ def test_stats_of_the_imported_esft_law_trace(esft_npz, tmp_path, capsys):
     assert code == 0, err
     s = stats_json(capsys, out)
     assert (s["tokens"], s["layers"], s["experts"], s["top_k"]) == (8327, 26, 64, 6)
+
+
+@pytest.mark.parametrize("out", ["folder", "file/x.parquet"])
+def test_cli_output_that_cannot_be_written_is_one_error_line(tmp_path, capsys, out):
+    np.savez(tmp_path / "a.npz", experts=distinct_routing(3, 2, 8, 2))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run_cli(capsys, "trace", "import", "-f", "arrays-npz", str(tmp_path / "a.npz"),
+                           "--out", str(tmp_path / out))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err

@@ -15,6 +15,23 @@ def _format_help() -> str:
             "vllm-routed-experts, moe-infinity (see docs/trace-formats.md).")
 
 
+def _writable(out: Path, what: str) -> None:
+    from moesim.errors import MoesimError
+
+    if out.is_dir():
+        raise MoesimError(f"--out {out} is a folder; give the {what} file to write")
+
+
+def _write(action, out: Path) -> None:
+    """Run a write; an OS refusal (permissions, full disk) becomes one error line."""
+    from moesim.errors import MoesimError
+
+    try:
+        action()
+    except OSError as exc:
+        raise MoesimError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command("import")
     def import_cmd(
@@ -29,8 +46,9 @@ def register(app: typer.Typer) -> None:
         """Convert a routing record of another tool into a moesim trace."""
         from moesim.traces.importers import import_trace, trace_summary
 
+        _writable(out, ".parquet trace")
         trace = import_trace(source, fmt, model=model)
-        trace.write(out)
+        _write(lambda: trace.write(out), out)
         emit({"format": fmt, "input": str(source), "out": str(out), **trace_summary(trace)}, as_json)
 
     @app.command("export")
@@ -47,7 +65,8 @@ def register(app: typer.Typer) -> None:
 
         if fmt not in EXPORTERS:
             raise unknown_name("export format", fmt, EXPORTERS)
+        _writable(out, ".npz")
         trace = Trace.read(trace_path)
-        export_trace(trace, fmt, out)
+        _write(lambda: export_trace(trace, fmt, out), out)
         emit({"format": fmt, "input": str(trace_path), "out": str(out), **trace_summary(trace)},
              as_json)
