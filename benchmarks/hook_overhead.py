@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
         return 2
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu"
     report = {
         "benchmark": "hook_overhead", "device": args.device, "device_name": device_name,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

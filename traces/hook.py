@@ -49,7 +49,7 @@ class HookError(MoesimError):
 
 # ----- decoding routing from what the model passes around --------------------------------------
 # Each decoder turns one hook's view (arguments or output) into (ids[T, k] int64, weights[T, k]),
-# with -1 ids for a token that runs no expert. They are looked up by name in ROUTING_DECODERS.
+# with -1 ids for a token that runs no expert.
 
 
 def _experts_args(args: tuple, kwargs: dict, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,12 +141,6 @@ def _topk_of_logits(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, tor
     return ids, weights
 
 
-ROUTING_DECODERS = {
-    "experts-args": "pre-hook on experts: indices and weights as passed",
-    "router-output": "hook on the router: its output decoded into what the experts run",
-}
-
-
 # ----- discovering MoE layers ----------------------------------------------------------------------------
 @dataclass
 class MoELayer:
@@ -155,7 +149,7 @@ class MoELayer:
     index: int  # 0-based over the recorded MoE layers, in module order
     path: str  # module path of the block, e.g. model.layers.3.mlp
     block: nn.Module  # timed: router + experts (+ shared experts)
-    source: str  # a ROUTING_DECODERS key
+    source: str  # "experts-args" (pre-hook on experts) or "router-output" (hook on the router)
     source_path: str  # module whose hook reads the routing
     num_experts: int
     top_k: int
@@ -381,7 +375,7 @@ class RoutingRecorder:
     all its later tokens (padding that generate() keeps feeding) are not recorded.
     """
 
-    def __init__(self, model: nn.Module, sink: Callable[[StepRows], None], *,
+    def __init__(self, model: nn.Module, sink: Callable[[StepRows], None] | None, *,
                  eos_token_ids: Iterable[int] | None = None, attention_experts: bool = False):
         self.model = model
         self.sink = sink
@@ -472,7 +466,8 @@ class RoutingRecorder:
             self.steps += 1
             if rows is not None:
                 self.rows += len(rows)
-                self.sink(rows)
+                if self.sink is not None:
+                    self.sink(rows)
             return None
 
         return hook
@@ -579,8 +574,10 @@ class RoutingRecorder:
             return None
         order = sorted(p.routing)
         T = p.batch * p.seq
-        ids_dev = [p.routing[i][0] for i in order]
-        w_dev = [p.routing[i][1].float() for i in order]
+        # layers of a model split over devices (device_map) are gathered on the first one
+        where = p.routing[order[0]][0].device
+        ids_dev = [p.routing[i][0].to(where) for i in order]
+        w_dev = [p.routing[i][1].to(where, torch.float32) for i in order]
         for i, ids in zip(order, ids_dev, strict=True):
             if ids.shape[0] != T:
                 raise HookError(
