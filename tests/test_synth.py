@@ -141,6 +141,20 @@ def test_gate_weights_follow_each_router():
     assert sharper.sum(-1).mean() > raw.sum(-1).mean()
 
 
+def test_slot_orders():
+    params = params_for_model(DSV2, seed=1)
+    by_weight = synthesize(params, 100, seed=1).to_arrays()
+    params.slot_order = "id"
+    ex = synthesize(params, 100, seed=1).to_arrays()["experts"]
+    assert (np.diff(ex, axis=-1) > 0).all()
+    assert np.array_equal(ex, np.sort(by_weight["experts"], axis=-1))  # same routing, reordered
+    params.slot_order = "random"
+    shuffled = synthesize(params, 100, seed=1).to_arrays()
+    assert (np.diff(shuffled["weights"], axis=-1) <= 0).all(-1).mean() < 0.05
+    assert np.array_equal(np.sort(shuffled["experts"], axis=-1), ex)
+    assert fit(synthesize(DSV2, 300, seed=1)).slot_order == "weight"
+
+
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b",
                                   "olmoe-1b-7b", "gpt-oss-120b"])
 def test_presets_keep_their_real_shapes(name):
@@ -239,6 +253,7 @@ def test_fitted_esft_trace_reproduces_skew_reuse_and_lru_curve(esft_npz, task):
     assert q["reuse_lag1"][1] == pytest.approx(q["reuse_lag1"][0], abs=0.04)
     assert len(q["lru_capacities"]) >= 4
     assert params.weight_norm == "raw" and params.shared_experts == 2
+    assert params.slot_order == "id"  # ESFT rows are not sorted by weight
 
 
 # ----- the command line ----------------------------------------------------------------------------------

@@ -42,10 +42,10 @@ SIM_ROWS = 1024  # simulated score rows per layer and grid point
 # tolerances the ESFT tests hold a fitted trace to (see docs/synthetic-traces.md)
 TOLERANCES = {
     "imbalance_mean_rel_err": 0.10,
-    "imbalance_layer_max_rel_err": 0.25,
+    "imbalance_layer_max_rel_err": 0.30,
     "lru_max_abs_err": 0.05,
     "reuse_distance_ks": 0.05,
-    "lru_per_layer_max_abs_err": 0.07,
+    "lru_per_layer_max_abs_err": 0.05,
 }
 
 
@@ -181,6 +181,10 @@ def _routing_facts(trace: Trace, arrays: TokenArrays) -> dict:
         pass
     present = arrays.experts[:, :, 0] >= 0
     sums = arrays.weights.sum(-1)[present]
+    descending = (np.diff(arrays.weights[present], axis=-1) <= 1e-6).all(-1).mean() if len(sums) else 1
+    # recorders that do not sort by weight mostly keep an expert-index order (torch.topk with
+    # sorted=False, ESFT: a reused expert keeps its slot), which "id" reproduces best
+    facts["slot_order"] = "weight" if descending > 0.99 or meta.weight_norm == "none" else "id"
     if meta.weight_norm == "none" or not len(sums):
         facts.update(weights_recorded=False, norm_topk_prob=True)
     elif np.std(sums) < 1e-3 * max(1.0, abs(np.mean(sums))):  # renormalised over the top-k

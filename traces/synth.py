@@ -39,6 +39,9 @@ from moesim.traces.schema import PHASE_DECODE, PHASE_PREFILL, TraceMeta
 from moesim.traces.trace import Trace, TraceWriter
 
 ROUTERS = ("softmax", "sigmoid")
+# how a token's k experts are ordered in its row: by descending gate weight (torch.topk,
+# llama.cpp), by expert id, or at random; per-layer LRU distances below k see the difference
+SLOT_ORDERS = ("weight", "id", "random")
 # The largest share of tokens one expert may receive (inclusion probability); 1 would need an
 # infinite router bias.
 MAX_INCLUSION = 0.98
@@ -72,6 +75,7 @@ class SynthParams:
     topk_group: int = 1
     shared_experts: int = 0
     weights_recorded: bool = True  # False: the source had no gate weights; write 1/k
+    slot_order: str = "weight"  # "weight": slot 0 has the largest gate weight; "id"; "random"
     model: str = "custom"
     expert_bytes: list[int] | None = None
     # workload defaults (a fitted trace's shape): request length template, decode share, tokens
@@ -116,6 +120,8 @@ class SynthParams:
         if self.domain_weights.shape != (D,) or (self.domain_weights < 0).any() or self.domain_weights.sum() <= 0:
             raise SynthError(f"synth params: domain_weights needs {D} non-negative values")
         self.domain_weights = self.domain_weights / self.domain_weights.sum()
+        if self.slot_order not in SLOT_ORDERS:
+            raise SynthError(f"synth params: slot_order must be one of {', '.join(SLOT_ORDERS)}")
         if self.router not in ROUTERS:
             raise SynthError(f"synth params: router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         if self.n_group < 1 or E % self.n_group or not 1 <= self.topk_group <= self.n_group:
@@ -511,9 +517,10 @@ class _Latent:
         L, E = params.num_layers, params.num_experts
         self.params = params
         # one stream per layer and kind, drawn in token order: chunk sizes do not change them
-        streams = seed.spawn(2 * L)
+        streams = seed.spawn(3 * L)
         self.eps_rng = [np.random.default_rng(s) for s in streams[:L]]
-        self.req_rng = [np.random.default_rng(s) for s in streams[L:]]
+        self.req_rng = [np.random.default_rng(s) for s in streams[L : 2 * L]]
+        self.slot_rng = [np.random.default_rng(s) for s in streams[2 * L :]]
         self.x_last = np.zeros((L, E))
         self.u_last = np.zeros((L, E))
         self.inverse = np.argsort(params.successor, axis=1)
@@ -640,6 +647,11 @@ def _chunks(params: SynthParams, wl: Workload, bias: np.ndarray, latent: _Latent
             score = z + bias[lay["domain"], layer] if params.num_domains > 1 else z + bias[0, layer]
             ids = route(score, params)
             ids, w = _sort_by_weight(ids, gate_weights(score, ids, params))
+            if params.slot_order != "weight":
+                key = ids if params.slot_order == "id" else latent.slot_rng[layer].random(ids.shape)
+                order = key.argsort(axis=1)
+                ids = np.take_along_axis(ids, order, axis=1)
+                w = np.take_along_axis(w, order, axis=1)
             ids_out[:, layer] = ids
             w_out[:, layer] = w
         yield lay, ids_out, w_out
