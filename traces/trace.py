@@ -583,7 +583,13 @@ class TraceWriter:
             schema = counts_schema(meta.num_experts)
         else:
             known = optional_columns(meta.top_k)
-            extra = {name: (extra_schema or {}).get(name, known.get(name)) for name in (extra_schema or {})}
+            extra = {}
+            for name, typ in (extra_schema or {}).items():
+                # None means "the known type of this optional column"
+                typ = typ or known.get(name)
+                if typ is None:
+                    raise TraceError(f"extra column {name!r} needs a type (it is not a known optional column)")
+                extra[name] = typ
             schema = routing_schema(meta.top_k, extra)
         self.schema = schema.with_metadata(meta.to_kv())
         self.row_group_rows = row_group_rows
