@@ -337,6 +337,18 @@ def test_sglang_routed_experts_base64_records(tmp_path):
     assert t.meta.extra["request_names"] == ["r3", "r1"]
 
 
+def test_sglang_routed_experts_start_len_offsets_positions_and_phase(tmp_path):
+    # prompt of 5 tokens, routing returned from absolute position 3: rows for positions 3..7
+    arr = distinct_routing(5, 2, 8, 2, seed=9)
+    rec = {"meta_info": {"prompt_tokens": 5, "routed_experts_start_len": 3, "num_layers": 2,
+                         "top_k": 2, "routed_experts": base64.b64encode(arr.astype("<i4").tobytes()).decode()}}
+    (tmp_path / "r.json").write_text(json.dumps(rec))
+    a = import_trace(tmp_path / "r.json", "sglang-routed-experts").to_arrays()
+    np.testing.assert_array_equal(a["token_pos"], [3, 4, 5, 6, 7])
+    np.testing.assert_array_equal(a["phase"], [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(a["experts"], arr)
+
+
 def test_sglang_routed_experts_need_a_shape(tmp_path):
     flat = base64.b64encode(np.zeros(12, "<i4").tobytes()).decode()
     path = tmp_path / "r.json"

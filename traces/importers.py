@@ -813,7 +813,7 @@ def _map_physical_to_logical(experts: np.ndarray, p2l, where: str) -> np.ndarray
 def read_sglang_routed(path: Path, preset: MoEModel | None) -> Trace:
     where = str(path)
     records = _json_records(path)
-    arrays, prompt_lens, names = [], [], []
+    arrays, prompt_lens, names, starts = [], [], [], []
     for i, rec in enumerate(records):
         rwhere = f"{where}: record {i}"
         payload = rec if isinstance(rec, str) else _find_key(rec, "routed_experts")
@@ -823,6 +823,8 @@ def read_sglang_routed(path: Path, preset: MoEModel | None) -> Trace:
         if len(raw) % 4:
             raise TraceError(f"{rwhere}: routed_experts holds {len(raw)} bytes, not whole int32 values")
         flat = np.frombuffer(raw, dtype="<i4")
+        if flat.size == 0:
+            raise TraceError(f"{rwhere}: routed_experts is empty")
         L = _find_key(rec, "num_layers") if isinstance(rec, dict) else None
         K = _find_key(rec, "top_k") if isinstance(rec, dict) else None
         if L is None or K is None:
@@ -835,9 +837,13 @@ def read_sglang_routed(path: Path, preset: MoEModel | None) -> Trace:
             raise TraceError(f"{rwhere}: {flat.size} ids are not whole tokens of {L} layers x top-{K}")
         arrays.append(flat.reshape(-1, L, K))
         prompt_lens.append(_prompt_len_of(rec, rwhere) if isinstance(rec, dict) else None)
+        # the response covers positions [routed_experts_start_len, seq_len - 1)
+        start = _find_key(rec, "routed_experts_start_len") if isinstance(rec, dict) else None
+        starts.append(0 if start is None else _as_int(start, "routed_experts_start_len", rwhere))
         rid = _find_key(rec, "id") if isinstance(rec, dict) else None
         names.append(str(rid) if rid is not None else str(i))
-    return _per_request_trace(arrays, prompt_lens, names, preset, where, "sglang-routed-experts")
+    return _per_request_trace(arrays, prompt_lens, names, preset, where, "sglang-routed-experts",
+                              starts)
 
 
 def _natural_key(name: str):
@@ -896,8 +902,10 @@ def read_vllm_routed(path: Path, preset: MoEModel | None) -> Trace:
     return _per_request_trace(arrays, prompt_lens, names, preset, where, "vllm-routed-experts")
 
 
-def _per_request_trace(arrays, prompt_lens, names, preset, where: str, source: str) -> Trace:
-    """One request per ``[tokens, layers, top_k]`` array, in order; no gate weights."""
+def _per_request_trace(arrays, prompt_lens, names, preset, where: str, source: str,
+                       starts=None) -> Trace:
+    """One request per ``[tokens, layers, top_k]`` array, in order; no gate weights.
+    ``starts`` gives each array's first absolute position (default 0)."""
     if not arrays:
         raise TraceError(f"{where}: holds no requests")
     shape = None
@@ -920,15 +928,20 @@ def _per_request_trace(arrays, prompt_lens, names, preset, where: str, source: s
                          "record zeros (vllm#44116): capture with --moe-backend triton")
     experts, kept_layers = _drop_unrouted_layers(experts, where)
     experts = _trim_padded_slots(experts, where)
+    starts = starts or [0] * len(arrays)
     seq_lens = np.array([len(a) for a in arrays], dtype=np.int64)
-    phase = np.concatenate([_phase_from_prompt_len(len(a), p)
-                            for a, p in zip(arrays, prompt_lens, strict=True)])
+    phase = np.concatenate([_phase_from_prompt_len(len(a), None if p is None else max(0, p - s0))
+                            for a, p, s0 in zip(arrays, prompt_lens, starts, strict=True)])
     extra = {"request_names": list(names), "model_layers": kept_layers,
              "steps": "one pass per request's prompt, then one per token; requests in file order"}
     if any(p is None for p in prompt_lens):
         extra["phase"] = "prompt length unknown for some requests: their tokens are marked prefill"
     meta = _routing_meta(experts, preset, "", where, source=source, weight_norm="none", extra=extra)
-    return Trace.from_arrays(experts, None, seq_lens, phase, meta)
+    trace = Trace.from_arrays(experts, None, seq_lens, phase, meta)
+    if any(starts):
+        positions = np.concatenate([s0 + np.arange(len(a)) for a, s0 in zip(arrays, starts, strict=True)])
+        trace = _with_positions(trace, experts, positions)
+    return trace
 
 
 # ----- MoE-Infinity activation counts ------------------------------------------------------------
