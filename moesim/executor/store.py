@@ -1,0 +1,152 @@
+"""The expert store: one safetensors file per (layer, expert), read cold from disk.
+
+A miss must cost what it costs on the machine, not a page-cache copy: files are opened with
+``O_DIRECT`` where the file system allows it (reads go to the device, into a page-aligned
+buffer), otherwise the file's cached pages are dropped with ``posix_fadvise(DONTNEED)`` just
+before it is read. Tensors are views of the read buffer (no second copy).
+
+Payload bytes (the tensors) are what the simulator counts as an expert's bytes; the file adds
+a small safetensors header, and an ``O_DIRECT`` read is rounded up to whole 4 KiB blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from moesim.errors import MoesimError
+
+BLOCK = 4096
+MATRICES = ("w_gate", "w_up", "w_down")  # SwiGLU: down(silu(gate x) * up x)
+
+
+class ExecutorError(MoesimError):
+    """A real-run setting or file a user can fix."""
+
+
+@dataclass
+class ReadResult:
+    key: int
+    tensors: dict  # name -> torch tensor (views of ``buffer``)
+    payload_bytes: int  # bytes of the tensors
+    file_bytes: int  # bytes of the file (payload + header)
+    read_bytes: int  # bytes the read call moved (block-rounded under O_DIRECT)
+    buffer: object = None
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[name]
+
+
+class ExpertStore:
+    """Folder of ``L{layer:03d}_E{expert:04d}.safetensors`` files plus ``store.json``."""
+
+    def __init__(self, root: str | os.PathLike, num_experts: int, cold: str = "direct"):
+        self.root = Path(root)
+        self.num_experts = int(num_experts)
+        if cold not in ("direct", "fadvise", "none"):
+            raise ExecutorError(f"unknown cold-read mode {cold!r}; choose direct, fadvise or none")
+        self.cold = cold
+        self._direct_ok: bool | None = None
+
+    def path(self, key: int) -> Path:
+        layer, expert = divmod(int(key), self.num_experts)
+        return self.root / f"L{layer:03d}_E{expert:04d}.safetensors"
+
+    def has(self, key: int) -> bool:
+        return self.path(key).exists()
+
+    # ----- writing -------------------------------------------------------------------------------
+    def write(self, key: int, tensors: dict) -> None:
+        """Write one expert's tensors (atomically: temporary name, fsync, rename)."""
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.path(key)
+        tmp = final.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+
+    # ----- reading -------------------------------------------------------------------------------
+    def drop_cache(self, keys) -> None:
+        """Evict the files' pages from the page cache (clean pages: no root needed)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for key in keys:
+            p = self.path(key)
+            if p.exists():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+    def _open(self, p: Path) -> tuple[int, bool]:
+        if self.cold == "direct" and self._direct_ok is not False and hasattr(os, "O_DIRECT"):
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+                self._direct_ok = True
+                return fd, True
+            except OSError:
+                self._direct_ok = False  # e.g. tmpfs: fall back to dropping pages
+        fd = os.open(p, os.O_RDONLY)
+        if self.cold != "none" and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return fd, False
+
+    @property
+    def mode(self) -> str:
+        """The cold-read mode actually in use (``direct`` falls back to ``fadvise``)."""
+        if self.cold == "direct" and self._direct_ok is False:
+            return "fadvise"
+        return self.cold
+
+    def read(self, key: int) -> ReadResult:
+        """Read one expert from disk and parse it; raises ExecutorError if it is missing."""
+        import torch
+
+        p = self.path(key)
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            raise ExecutorError(f"{p}: expert file missing from the store; rebuild it "
+                                f"('moesim run-real' writes the store)") from None
+        fd, direct = self._open(p)
+        try:
+            n = -(-size // BLOCK) * BLOCK if direct else size
+            buf = mmap.mmap(-1, max(n, BLOCK))  # page-aligned, as O_DIRECT requires
+            view = memoryview(buf)
+            got = 0
+            while got < n:
+                r = os.preadv(fd, [view[got:n]], got)
+                if r <= 0:
+                    break
+                got += r
+        finally:
+            os.close(fd)
+        if got < size:
+            raise ExecutorError(f"{p}: short read ({got} of {size} bytes)")
+        (hlen,) = struct.unpack_from("<Q", buf, 0)
+        header = json.loads(bytes(view[8:8 + hlen]))
+        base = 8 + hlen
+        tensors, payload = {}, 0
+        for name, spec in header.items():
+            if name == "__metadata__":
+                continue
+            lo, hi = spec["data_offsets"]
+            dt = _torch_dtype(spec["dtype"])
+            t = torch.frombuffer(buf, dtype=dt, count=(hi - lo) // dt.itemsize, offset=base + lo)
+            tensors[name] = t.view(spec["shape"])
+            payload += hi - lo
+        return ReadResult(int(key), tensors, payload, size, got, buf)

@@ -1,0 +1,113 @@
+"""moesim validate: a captured CPU run, simulated from a profile of this machine, must match
+in bytes and in the hit/miss sequence exactly; latency figures are computed and reported."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+from moesim.cli import main  # noqa: E402
+from moesim.executor import RunSettings, capture  # noqa: E402
+from moesim.executor.calibrate import extend_profile  # noqa: E402
+from moesim.validate import validate  # noqa: E402
+from tests.test_executor import random_trace, tiny_spec  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    from moesim.calibrate import measure_machine
+
+    path = tmp_path_factory.mktemp("hw") / "hardware.yaml"
+    path.write_text(yaml.safe_dump(measure_machine(str(path.parent), quick=True)))
+    extend_profile(path, [tiny_spec()], threads=2, disk_dir=str(path.parent),
+                   sizes_mib=(0.25, 0.5, 1))
+    return path
+
+
+def record(tmp_path, name="run", tokens=16, **settings):
+    spec, tr = tiny_spec(), random_trace(tokens)
+    run = capture(spec, RunSettings(**settings), tmp_path / "store", trace=tr)
+    return run.write(tmp_path / f"{name}.parquet")
+
+
+@pytest.mark.parametrize("settings", [
+    {"policy": "lru", "capacity_experts": 5},
+    {"policy": "lfu", "capacity_experts": 6, "scope": "per-layer"},
+    {"policy": "fifo", "capacity_bytes": 4 * 3 * 64 * 32 * 4, "io_threads": 1},
+    {"policy": "lru", "capacity_experts": 6, "prefetcher": "next-layer",
+     "prefetch_params": {"accuracy": 0.5}},
+])
+def test_cpu_run_validates_exactly(tmp_path, profile, settings):
+    path = record(tmp_path, **settings)
+    r = validate(path, profile, tmp_path / "report")
+    assert r["hits_exact"] and r["hit_mismatches"] == 0
+    assert r["bytes_exact"] and r["bytes_measured"] == r["bytes_simulated"] > 0
+    assert 0 < r["hit_rate"] < 1
+    assert np.isfinite(r["latency_mape"]) and r["latency_mape"] >= 0
+    assert r["tokens"] == 16 and len(r["per_layer"]) == 2
+    assert r["scenario"]["sources"]["expert_s"] == "profile table expert_ffn"
+    md = (tmp_path / "report.md").read_text()
+    assert "MAPE" in md and "exact: True" in md
+    assert "plotly" in (tmp_path / "report.html").read_text()
+
+
+def test_a_tampered_run_is_caught(tmp_path, profile):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = record(tmp_path, policy="lru", capacity_experts=5)
+    table = pq.read_table(path)
+    res = table["residency"].to_pylist()
+    res[3] = [1 - v if v in (0, 1) else v for v in res[3]]  # flip row 3's hits and misses
+    table = table.set_column(table.schema.get_field_index("residency"), "residency",
+                             pa.array(res, table.schema.field("residency").type))
+    pq.write_table(table, path)
+    r = validate(path, profile)
+    assert not r["hits_exact"] and r["hit_mismatches"] > 0
+
+
+def test_latency_prediction_uses_the_profile(tmp_path, profile):
+    path = record(tmp_path, policy="lru", capacity_experts=5)
+    slow = tmp_path / "slow.yaml"
+    data = yaml.safe_load(profile.read_text())
+    data["links"]["expert_read"]["bandwidth"] /= 100
+    slow.write_text(yaml.safe_dump(data))
+    fast, slowed = validate(path, profile), validate(path, slow)
+    assert slowed["mean_latency_simulated_s"] > fast["mean_latency_simulated_s"]
+    lat = fast["scenario"]["read_latency_s"]
+    assert slowed["read_predicted_s"] - lat == pytest.approx(100 * (fast["read_predicted_s"] - lat))
+
+
+def test_cli_validate_json_and_errors(tmp_path, profile, capsys):
+    path = record(tmp_path, policy="lru", capacity_experts=5)
+    assert main(["validate", str(path), "--hardware", str(profile), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"latency_mape", "bytes_exact", "hits_exact", "p50_error", "p99_error"} <= set(out)
+    assert out["bytes_exact"] is True and out["hits_exact"] is True
+    assert main(["validate", str(path)]) == 2  # no hardware.yaml beside the run
+    assert "hardware" in capsys.readouterr().err
+    bad = tmp_path / "plain.parquet"
+    random_trace().write(bad)
+    assert main(["validate", str(bad), "--hardware", str(profile)]) == 2
+    assert "not a moesim run file" in capsys.readouterr().err
+
+
+def test_cli_run_real_writes_a_run(tmp_path, capsys):
+    trace = tmp_path / "routing.parquet"
+    random_trace(8).write(trace)
+    out = tmp_path / "run.parquet"
+    assert main([
+        "run-real", "--out", str(out), "--trace", str(trace), "--layers", "2", "--tokens", "6",
+        "--override", "hidden=64", "--override", "moe_intermediate=32",
+        "--override", "shared_intermediate=16", "--capacity-experts", "4",
+        "--store", str(tmp_path / "store"), "--json"]) == 0
+    fig = json.loads(capsys.readouterr().out)
+    assert fig["tokens"] == 6 and 0 <= fig["hit_rate"] <= 1 and out.exists()
+    assert main(["run-real", "--out", str(out), "--override", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
