@@ -282,3 +282,19 @@ def test_cli_unknown_preset_is_one_error_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown model preset 'gpt-5'" in lines[0] and "deepseek-v3" in lines[0]
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_esft_tolerances_reject_a_wrong_fit(esft_npz):
+    """The tolerances discriminate: another domain's fit, or a fit without temporal locality,
+    misses them."""
+    law = _esft_trace(esft_npz["law"])
+    params = fit(law, seed=0)
+    _, other_domain = fit_report(_esft_trace(esft_npz["translation"]), params=params, seed=0)
+    assert other_domain["imbalance_mean_rel_err"] > TOLERANCES["imbalance_mean_rel_err"]
+    assert other_domain["lru_max_abs_err"] > TOLERANCES["lru_max_abs_err"]
+    params.locality[:] = 0.0
+    params.coherence[:] = 0.0
+    _, no_locality = fit_report(law, params=params, seed=0)
+    assert no_locality["imbalance_mean_rel_err"] <= TOLERANCES["imbalance_mean_rel_err"]
+    assert no_locality["lru_max_abs_err"] > 2 * TOLERANCES["lru_max_abs_err"]
+    assert no_locality["reuse_lag1"][1] < no_locality["reuse_lag1"][0] - 0.05
