@@ -1,0 +1,183 @@
+"""Placement objectives: named terms, weighted, evaluated per layer on any plan.
+
+Every term is dimensionless and computed here for any phy2log, with exactly the expression the
+ILP minimises, so "the ILP never loses to a heuristic on its own objective" is checked with the
+same function that picks the warm start.
+
+Terms (per layer l; f[e, g] = replicas of e on GPU g / replicas of e = share of e's tokens that
+GPU g serves under uniform replica choice; likewise per node):
+
+- ``balance``: max GPU load / mean GPU load.
+- ``node_balance``: max node load / mean node load.
+- ``cross_node``: co-activated expert pairs whose tokens land on different nodes, per token:
+  sum over pairs of C[e, f] (1 - sum_m min(f[e, m], f[f, m])) / tokens. For unreplicated experts
+  min(.) is exactly "both on node m"; it is the pairwise (Occult-style) proxy of the expected
+  number of distinct destination nodes per token. Only the ``max_pairs`` heaviest pairs count.
+- ``cross_gpu``: the same over GPUs.
+- ``hops``: inter-layer affinity kept off-GPU (ExFlow / MoETuner): sum over (e at l-1, f at l)
+  of A[e, f] (1 - sum_g f_{l-1}[e, g] f_l[f, g]) / (tokens k^2), the share of consecutive-layer
+  expert pairs whose GPUs differ.
+- ``migration``: replicas placed on a GPU that did not hold that expert in the previous plan,
+  per slot (times expert bytes = bytes migrated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moesim.planners.inputs import PlacementError, PlacementProblem
+from moesim.planners.plan import replica_counts, replicas_per_gpu
+
+TERMS = ("balance", "node_balance", "cross_node", "cross_gpu", "hops", "migration")
+TRAFFIC_TERMS = ("cross_node", "cross_gpu", "hops")
+DEFAULT_MAX_PAIRS = 4096
+
+
+@dataclass
+class Objective:
+    weights: dict[str, float] = field(default_factory=lambda: {"balance": 1.0})
+    # cap every layer's max GPU load at (1 + slack) x the best heuristic's (None: no cap)
+    balance_slack: float | None = None
+    max_pairs: int = DEFAULT_MAX_PAIRS
+
+    def __post_init__(self):
+        for name, w in self.weights.items():
+            if name not in TERMS:
+                from moesim.errors import unknown_name
+
+                raise unknown_name("objective term", name, TERMS)
+            if not np.isfinite(w) or w < 0:
+                raise PlacementError(f"objective weight of {name} must be a non-negative number, got {w}")
+        if not any(self.weights.values()):
+            raise PlacementError("the objective needs at least one term with a positive weight")
+        if self.balance_slack is not None and self.balance_slack < 0:
+            raise PlacementError(f"balance slack must be >= 0, got {self.balance_slack}")
+
+    @classmethod
+    def parse(cls, text: str, balance_slack: float | None = None, max_pairs: int = DEFAULT_MAX_PAIRS) -> Objective:
+        """``"balance"``, ``"balance+cross_node"`` or ``"balance=1,cross_node=0.5"``."""
+        weights = {}
+        for part in text.replace("+", ",").split(","):
+            part = part.strip().replace("-", "_")
+            if not part:
+                continue
+            name, _, value = part.partition("=")
+            try:
+                weights[name.strip()] = float(value) if value else 1.0
+            except ValueError:
+                raise PlacementError(f"objective weight {value!r} of {name} is not a number") from None
+        return cls(weights, balance_slack, max_pairs)
+
+    def to_dict(self) -> dict:
+        return {"weights": dict(self.weights), "balance_slack": self.balance_slack, "max_pairs": self.max_pairs}
+
+    def needs_stats(self) -> bool:
+        return any(self.weights.get(t, 0) > 0 for t in TRAFFIC_TERMS)
+
+    def check(self, problem: PlacementProblem) -> None:
+        if self.needs_stats() and problem.stats is None:
+            raise PlacementError(
+                "traffic objectives (cross_node, cross_gpu, hops) need token-level routing: plan from a routing trace"
+            )
+        if self.weights.get("migration", 0) > 0 and problem.previous is None:
+            raise PlacementError("the migration objective needs the previous placement (--previous PLAN.json)")
+
+
+def traffic_pairs(problem: PlacementProblem, layer: int, max_pairs: int):
+    """The heaviest co-activated pairs (e < f) of a layer: ``(e, f, tokens)`` arrays."""
+    co = problem.stats.coactivation[layer]
+    e, f = np.triu_indices(co.shape[0], k=1)
+    c = co[e, f]
+    keep = np.flatnonzero(c > 0)
+    if len(keep) > max_pairs:
+        keep = keep[np.argsort(-c[keep], kind="stable")[:max_pairs]]
+        keep.sort()
+    return e[keep], f[keep], c[keep]
+
+
+def shares(per_gpu: np.ndarray, node_of: np.ndarray, num_nodes: int):
+    """``f[e, g]`` and ``f[e, m]``: share of each expert's tokens per GPU and per node."""
+    cnt = np.maximum(per_gpu.sum(axis=1, keepdims=True), 1)
+    f_gpu = per_gpu / cnt
+    f_node = np.zeros((per_gpu.shape[0], num_nodes))
+    for m in range(num_nodes):
+        f_node[:, m] = f_gpu[:, node_of == m].sum(axis=1)
+    return f_gpu, f_node
+
+
+def layer_terms(problem: PlacementProblem, objective: Objective, layer: int, row: np.ndarray,
+                prev_row: np.ndarray | None = None) -> dict[str, float]:
+    """Every weighted term of the objective for one layer's slot map ``row``."""
+    c = problem.cluster
+    P, N, E = c.num_gpus, c.num_nodes, problem.num_experts
+    node_of = c.node_of()
+    w = problem.load[layer]
+    per_gpu = replicas_per_gpu(row[None], E, P)[0]
+    cnt = np.maximum(per_gpu.sum(axis=1), 1)
+    gpu_load = (w / cnt) @ per_gpu
+    total = w.sum()
+    out = {}
+    weights = objective.weights
+    if weights.get("balance", 0) > 0:
+        out["balance"] = gpu_load.max() / (total / P) if total > 0 else 1.0
+    if weights.get("node_balance", 0) > 0:
+        node_load = np.bincount(node_of, weights=gpu_load, minlength=N)
+        out["node_balance"] = node_load.max() / (total / N) if total > 0 else 1.0
+    f_gpu, f_node = shares(per_gpu, node_of, N)
+    tokens = max(problem.stats.tokens[layer], 1) if problem.stats is not None else 1
+    for term, f in (("cross_node", f_node), ("cross_gpu", f_gpu)):
+        if weights.get(term, 0) > 0:
+            e, g, co = traffic_pairs(problem, layer, objective.max_pairs)
+            together = np.minimum(f[e], f[g]).sum(axis=1)
+            out[term] = float((co * (1 - together)).sum() / tokens)
+    if weights.get("hops", 0) > 0:
+        out["hops"] = 0.0
+        if layer > 0 and prev_row is not None:
+            prev_f, _ = shares(replicas_per_gpu(prev_row[None], E, P)[0], node_of, N)
+            aff = problem.stats.affinity[layer - 1]
+            k2 = problem.stats.top_k ** 2
+            out["hops"] = float((aff * (1 - prev_f @ f_gpu.T)).sum() / (tokens * k2))
+    if weights.get("migration", 0) > 0:
+        prev = problem.previous_counts()[layer]
+        moved = (per_gpu > 0) & (prev == 0)
+        out["migration"] = float(per_gpu[moved].sum() / problem.num_replicas)
+    return out
+
+
+def layer_value(terms: dict[str, float], objective: Objective) -> float:
+    return float(sum(objective.weights.get(t, 0) * v for t, v in terms.items()))
+
+
+def plan_values(problem: PlacementProblem, objective: Objective, phy2log: np.ndarray) -> np.ndarray:
+    """Objective value of each layer of a plan."""
+    return np.array([
+        layer_value(layer_terms(problem, objective, lay, phy2log[lay], phy2log[lay - 1] if lay else None), objective)
+        for lay in range(problem.num_layers)
+    ])
+
+
+def max_gpu_load(problem: PlacementProblem, phy2log: np.ndarray, layers=None) -> np.ndarray:
+    """Max GPU load of each layer of a plan (or of the given ``layers``, one map row each)
+    under the even-split load model."""
+    load = problem.load if layers is None else problem.load[np.atleast_1d(layers)]
+    if load.shape[0] != phy2log.shape[0]:
+        raise ValueError("one map row per layer is needed")
+    per_gpu = replicas_per_gpu(phy2log, problem.num_experts, problem.cluster.num_gpus)
+    share = load / np.maximum(replica_counts(phy2log, problem.num_experts), 1)
+    return np.einsum("le,leg->lg", share, per_gpu).max(axis=1)
+
+
+def balance_bound(problem: PlacementProblem) -> np.ndarray:
+    """``[L]`` lower bound on the max GPU load of ANY placement with these replicas and slots:
+    max(mean GPU load, the smallest achievable max load per replica). The latter is what
+    largest-load-per-replica replication reaches (it is optimal for that quantity)."""
+    from moesim.planners.eplb import replicate
+
+    cap = None if problem.allow_duplicates else problem.cluster.num_gpus
+    out = np.empty(problem.num_layers)
+    for lay, w in enumerate(problem.load):
+        _, count = replicate(w, problem.num_replicas, max_replicas=cap)
+        out[lay] = max(w.sum() / problem.cluster.num_gpus, (w / count).max())
+    return out
