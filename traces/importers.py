@@ -799,7 +799,7 @@ def _map_physical_to_logical(experts: np.ndarray, p2l, where: str) -> np.ndarray
     if p2l.ndim != 2 or p2l.shape[0] != L:
         raise TraceError(f"{where}: last_physical_to_logical_map has shape {p2l.shape}, "
                          f"expected ({L}, physical experts)")
-    if experts.max() >= p2l.shape[1]:
+    if experts.size and experts.max() >= p2l.shape[1]:
         raise TraceError(f"{where}: physical expert id {int(experts.max())} is outside the "
                          f"map's 0..{p2l.shape[1] - 1}")
     layer = np.broadcast_to(np.arange(L)[None, :, None], experts.shape)
