@@ -201,7 +201,7 @@ class Scheduler:
         pre_ids, pre_len = run[~decoding], rem_run[~decoding]
         if len(pre_ids):
             pre_len, budget = self._allot(pre_ids, pre_len, budget)
-        if len(self.waiting):
+        if len(self.waiting) and len(run) < self.max_running * G and budget.max() > 0:
             adm, adm_len, budget = self._admit(run, budget, now)
             if len(adm):
                 now_decoding = adm_len == 0
