@@ -1,0 +1,176 @@
+"""Placement planners on real and DeepSeek-V3-scale routing: balance, traffic, solve time, gap.
+
+    python benchmarks/placement_bench.py [--quick] [--out benchmarks/results/placement_bench.json]
+
+1. ESFT (DeepSeek-V2-Lite architecture, 64 experts x 26 MoE layers, top-6; ../shared/data) planned
+   on the 'law' task onto 8 GPUs (2 nodes x 4) and 16 GPUs (2 nodes x 8), one replica per expert:
+   every baseline, the ILP on the balance objective (it must never lose to the best baseline on
+   it), and the ILP on cross-node traffic with every layer's max GPU load capped at 1.01 x the
+   best heuristic's (equal balance); then the law plans evaluated on the other three tasks.
+2. DeepSeek-V3 scale: a synthetic trace from moesim.traces.synth (deepseek-v3 preset: 58 MoE
+   layers x 256 experts, top-8, 8 groups with 4 chosen per token; 4096 tokens, seed 0) onto
+   64 GPUs in 8 nodes with 32 redundant replicas: the ILP on balance, whole, under a 120 s hard
+   limit (the per-layer gap must be <= 1 %), and the ILP on cross-node traffic at equal balance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "esft-dsv2lite"
+BASELINE_NAMES = ("contiguous", "round-robin", "random", "greedy", "eplb", "eplb-global")
+
+
+def esft_trace(task: str):
+    from moesim.traces import Trace
+
+    d = np.load(DATA / f"esft_{task}.npz")
+    return Trace.from_arrays(d["experts"], d["weights"], d["seq_lens"], "prefill", num_experts=64)
+
+
+def row(name, plan, metrics, value=None):
+    return {
+        "plan": name, "max_mean_load": round(metrics["max_mean_load"], 5),
+        "worst_layer": round(metrics["max_mean_load_worst_layer"], 5),
+        "balancedness": round(metrics["balancedness"], 5),
+        "node_max_mean": round(metrics["node_max_mean_load"], 5),
+        "cross_node_tokens": None if metrics["cross_node_tokens"] is None else round(metrics["cross_node_tokens"]),
+        "dest_nodes_per_token": None if metrics["dest_nodes_per_token"] is None else round(metrics["dest_nodes_per_token"], 4),
+        "dest_gpus_per_token": None if metrics["dest_gpus_per_token"] is None else round(metrics["dest_gpus_per_token"], 4),
+        "gpu_hops_per_token": None if metrics["gpu_hops_per_token"] is None else round(metrics["gpu_hops_per_token"], 3),
+        "duplicates": metrics["same_gpu_duplicates"], "solve_s": round(plan.solve_s, 2),
+        "max_gap": None if metrics["gap"] is None else round(metrics["gap"], 5),
+        "objective": None if value is None else round(float(value), 6),
+    }
+
+
+def compare(problem, trace, objective, time_limit, mip_gap, label):
+    """Every baseline and the ILP on one objective; returns the rows and the plans."""
+    from moesim.planners.evaluate import evaluate
+    from moesim.planners.objectives import plan_values
+    from moesim.planners.solve import make_plan
+
+    rows, plans = [], {}
+    for name in BASELINE_NAMES:
+        plan = make_plan(problem, objective, name)
+        plans[name] = plan
+        rows.append(row(name, plan, evaluate(plan, trace=trace, load=problem.load),
+                        plan_values(problem, objective, plan.phy2log).sum()))
+    plan = make_plan(problem, objective, "ilp", time_limit=time_limit, mip_gap=mip_gap)
+    plans["ilp"] = plan
+    rows.append(row("ilp", plan, evaluate(plan, trace=trace, load=problem.load), np.sum(plan.objective_value)))
+    best = min((r for r in rows if r["plan"] != "ilp"), key=lambda r: r["objective"])
+    ilp = rows[-1]
+    print(f"\n[{label}] objective {objective.to_dict()['weights']}, slack {objective.balance_slack}")
+    print(f"{'plan':12s} {'max/mean':>9s} {'worst':>7s} {'node':>7s} {'x-node tok':>11s} {'nodes/tok':>9s} "
+          f"{'gpus/tok':>8s} {'hops':>6s} {'dup':>4s} {'objective':>11s} {'solve_s':>8s} {'gap':>8s}")
+    for r in rows:
+        print(f"{r['plan']:12s} {r['max_mean_load']:9.4f} {r['worst_layer']:7.4f} {r['node_max_mean']:7.4f} "
+              f"{r['cross_node_tokens'] or 0:11d} {r['dest_nodes_per_token'] or 0:9.4f} {r['dest_gpus_per_token'] or 0:8.4f} "
+              f"{r['gpu_hops_per_token'] or 0:6.2f} {r['duplicates']:4d} {r['objective']:11.5f} {r['solve_s']:8.2f} "
+              f"{r['max_gap'] if r['max_gap'] is not None else '-':>8}")
+    verdict = {"best_baseline": best["plan"], "best_baseline_objective": best["objective"],
+               "ilp_objective": ilp["objective"], "ilp_never_loses": ilp["objective"] <= best["objective"] + 1e-9}
+    print(f"ILP {ilp['objective']:.5f} vs best baseline {best['plan']} {best['objective']:.5f}: "
+          f"{'never loses' if verdict['ilp_never_loses'] else 'LOSES'}")
+    return rows, plans, verdict
+
+
+def traffic_verdict(rows, reference="eplb"):
+    ref = next(r for r in rows if r["plan"] == reference)
+    ilp = next(r for r in rows if r["plan"] == "ilp")
+    cut = 1 - ilp["cross_node_tokens"] / ref["cross_node_tokens"]
+    worse = ilp["max_mean_load"] / ref["max_mean_load"] - 1
+    out = {"reference": reference, "cross_node_cut": round(cut, 4), "balance_vs_reference": round(worse, 4),
+           "equal_balance": worse <= 0.01, "cut_at_least_20pct": cut >= 0.20}
+    print(f"cross-node tokens vs {reference}: -{cut:.1%} at max/mean {worse:+.2%} "
+          f"({'equal balance' if out['equal_balance'] else 'NOT equal balance'}; "
+          f"{'>= 20 %' if out['cut_at_least_20pct'] else 'below the 20 % target'})")
+    return out
+
+
+def esft_section(gpus, nodes, time_limit):
+    from moesim.planners.evaluate import evaluate
+    from moesim.planners.inputs import Cluster, problem_from_trace
+    from moesim.planners.objectives import Objective
+
+    trace = esft_trace("law")
+    problem = problem_from_trace(trace, Cluster(gpus, nodes))
+    label = f"ESFT law, {gpus} GPUs in {nodes} nodes"
+    bal_rows, _, bal_verdict = compare(problem, trace, Objective(), time_limit, 1e-3, label + ", balance")
+    traffic = Objective({"balance": 0.01, "cross_node": 1.0}, balance_slack=0.01, max_pairs=2016)
+    tr_rows, plans, tr_verdict = compare(problem, trace, traffic, time_limit, 1e-3, label + ", cross-node")
+    tr_verdict.update(traffic_verdict(tr_rows, "eplb"))
+    shift = {}
+    for task in ("intent", "summary", "translation"):
+        other = esft_trace(task)
+        shift[task] = {name: row(name, plans[name], evaluate(plans[name], trace=other))
+                       for name in ("eplb", "greedy", "ilp")}
+        s = shift[task]
+        print(f"domain shift law -> {task}: max/mean eplb {s['eplb']['max_mean_load']:.4f}, "
+              f"ilp(traffic) {s['ilp']['max_mean_load']:.4f}; cross-node eplb {s['eplb']['cross_node_tokens']}, "
+              f"ilp {s['ilp']['cross_node_tokens']}")
+    return {"gpus": gpus, "nodes": nodes, "balance": {"rows": bal_rows, **bal_verdict},
+            "cross_node": {"rows": tr_rows, **tr_verdict}, "domain_shift": shift}
+
+
+def dsv3_section(tokens, time_limit, traffic_time_limit):
+    from moesim.model import get_model
+    from moesim.planners.inputs import Cluster, problem_from_trace
+    from moesim.planners.objectives import Objective
+    from moesim.traces.synth import synthesize
+
+    t0 = time.perf_counter()
+    trace = synthesize(get_model("deepseek-v3"), tokens, seed=0)
+    problem = problem_from_trace(trace, Cluster(64, 8), num_replicas=256 + 32, num_groups=8)
+    print(f"\nsynthetic DeepSeek-V3 trace + statistics: {time.perf_counter() - t0:.1f} s")
+    label = "DeepSeek-V3 scale: 58 x 256 onto 64 GPUs / 8 nodes, +32 redundant"
+    bal_rows, plans, bal_verdict = compare(problem, trace, Objective(), time_limit, 0.01, label + ", balance")
+    ilp = plans["ilp"]
+    gaps = [g for g in ilp.gap if g is not None]
+    bal_verdict.update({
+        "wall_s": round(ilp.solve_s, 2), "under_120_s": ilp.solve_s < 120, "status": ilp.status,
+        "layers_with_gap": len(gaps), "max_layer_gap": round(max(gaps), 5) if gaps else None,
+        "all_layers_gap_le_1pct": len(gaps) == problem.num_layers and max(gaps) <= 0.01,
+    })
+    print(f"whole plan in {ilp.solve_s:.1f} s (limit 120 s, status {ilp.status}); largest per-layer gap "
+          f"{bal_verdict['max_layer_gap']} over {len(gaps)} layers")
+    traffic = Objective({"balance": 0.01, "cross_node": 1.0}, balance_slack=0.01, max_pairs=2048)
+    tr_rows, _, tr_verdict = compare(problem, trace, traffic, traffic_time_limit, 1e-3, label + ", cross-node")
+    tr_verdict.update(traffic_verdict(tr_rows, "eplb"))
+    tr_verdict["vs_eplb_global"] = traffic_verdict(tr_rows, "eplb-global")
+    return {"tokens": tokens, "balance": {"rows": bal_rows, **bal_verdict}, "cross_node": {"rows": tr_rows, **tr_verdict}}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="ESFT 8 GPUs only, shorter limits")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "placement_bench.json"))
+    args = ap.parse_args(argv)
+    result = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                          "cpus": __import__("os").cpu_count()}}
+    t0 = time.perf_counter()
+    if DATA.is_dir():
+        result["esft"] = [esft_section(8, 2, 40 if args.quick else 60)]
+        if not args.quick:
+            result["esft"].append(esft_section(16, 2, 60))
+    else:
+        print(f"ESFT traces not found in {DATA}: skipping that part")
+    if not args.quick:
+        result["dsv3"] = dsv3_section(4096, 120, 300)
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    from moesim.fileio import write_json_atomic
+
+    write_json_atomic(args.out, result)
+    print(f"\nwrote {args.out} ({result['total_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
