@@ -957,7 +957,7 @@ def read_moe_infinity(path: Path, preset: MoEModel | None) -> Trace:
         raise TraceError(f"{path}: counts must be [sequences, layers, experts], got shape {counts.shape}")
     if counts.dtype.kind not in "iuf":
         raise TraceError(f"{path}: counts must be numbers, got dtype {counts.dtype}")
-    if counts.size and np.abs(counts).max() > np.iinfo(np.int32).max:
+    if counts.size and np.abs(counts.astype(np.float64)).max() > np.iinfo(np.int32).max:
         raise TraceError(f"{path}: a count exceeds 2^31-1 tokens")
     _, L, E = counts.shape
     extra = {}
