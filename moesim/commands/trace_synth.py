@@ -42,19 +42,19 @@ def register(app: typer.Typer) -> None:
         requests: int = typer.Option(None, "--requests", help="Requests (equal lengths); default 1, or the "
                                      "fitted trace's request lengths."),
         skew: float = typer.Option(None, "--skew", help="Zipf exponent of each layer's expert popularity "
-                                   "(0 = uniform) [default 0.8]."),
+                                   "(0 = uniform) (default 0.8)."),
         locality: float = typer.Option(None, "--locality", help="Router-score correlation of consecutive "
-                                       "tokens, 0..1 (1 = repeat the previous token's experts) [default 0.3]."),
+                                       "tokens, 0..1 (1 = repeat the previous token's experts) (default 0.3)."),
         coherence: float = typer.Option(None, "--coherence", help="Share of router-score variance fixed for a "
-                                        "whole request, 0..1 [default 0.1]."),
+                                        "whole request, 0..1 (default 0.1)."),
         affinity: float = typer.Option(None, "--affinity", help="Router-score correlation with the previous "
-                                       "layer through a successor map, 0..1 [default 0.7]."),
+                                       "layer through a successor map, 0..1 (default 0.7)."),
         domains: int = typer.Option(None, "--domains", help="Domains, each with its own popularity; requests "
-                                    "are spread over them [default 1]."),
+                                    "are spread over them (default 1)."),
         weight_scale: float = typer.Option(None, "--weight-scale", help="Router logit scale (peakedness of "
-                                           "gate weights) [default 1.0]."),
+                                           "gate weights) (default 1.0)."),
         decode_fraction: float = typer.Option(None, "--decode-fraction", help="Share of each request's tokens "
-                                              "generated in decode steps, 0..1 [default 0]."),
+                                              "generated in decode steps, 0..1 (default 0)."),
         seed: int = typer.Option(0, "--seed", help="Random seed: same inputs and seed, identical file."),
         as_json: bool = JSON_OPTION,
     ) -> None:
