@@ -14,7 +14,6 @@ times each in isolation -- never the run being validated -- and writes them into
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 
@@ -36,15 +35,25 @@ def _median_time(fn, reps: int, warm: int = 2) -> float:
 
 
 def kernel_rows(spec: StackSpec, compute_threads: int = 1, reps: int = 30,
-                distinct: int = 8) -> list[dict]:
+                distinct: int = 8, directory: str | None = None) -> list[dict]:
     """Seconds of one expert FFN and of one dense layer part, one token, as table rows.
 
-    The expert is timed cycling over ``distinct`` weight sets so the weights stream from DRAM
-    as in a run (a just-read expert is not in the CPU caches either)."""
+    The experts are written to a temporary store and read back the way a run reads them
+    (aligned buffers), and timed cycling over ``distinct`` of them, so their weights stream
+    from DRAM as in a run (a just-read expert is not in the CPU caches either)."""
+    import shutil
+
     import torch
 
     torch.set_num_threads(int(compute_threads))
-    experts = [expert_tensors(spec, k) for k in range(distinct)]
+    root = tempfile.mkdtemp(prefix="moesim-kernelcal-", dir=directory)
+    try:
+        store = ExpertStore(root, spec.num_experts)
+        for k in range(distinct):
+            store.write(k, expert_tensors(spec, k))
+        experts = [store.read(k).tensors for k in range(distinct)]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     x = token_input(spec, 0)
     dense = DenseLayer(spec, 0)
     it = iter(range(10**9))
@@ -64,57 +73,75 @@ def kernel_rows(spec: StackSpec, compute_threads: int = 1, reps: int = 30,
     ]
 
 
-def measure_expert_reads(directory: str | None = None, threads: int = 2,
-                         sizes_mib=(4, 8, 16, 32), files_per_size: int = 6) -> dict:
-    """Cold reads of safetensors files of several sizes, ``threads`` at a time (the I/O pool
-    of a run), fitted to ``seconds = latency + bytes / bandwidth`` per read."""
-    import torch
-
+def measure_store_reads(stores_keys, threads: int = 2) -> list[tuple[int, float]]:
+    """(file bytes, seconds) of cold reads of existing expert files, ``threads`` at a time:
+    ``stores_keys`` is a list of (ExpertStore, keys)."""
     from moesim.executor.io import IOPool
 
-    root = tempfile.mkdtemp(prefix="moesim-readcal-", dir=directory)
-    store = ExpertStore(root, num_experts=1000)
     rows = []
-    try:
-        key = 0
-        keys_by_size = {}
-        for mib in sizes_mib:
-            n = int(mib * 2**20 // 2)
-            keys_by_size[mib] = []
-            for _ in range(files_per_size):
-                store.write(key, {"w": torch.ones(n, dtype=torch.bfloat16) * key})
-                keys_by_size[mib].append(key)
-                key += 1
-        store.drop_cache(range(key))
-        for mib in sizes_mib:
-            pool = IOPool(store.read, threads)
-            trs = [pool.submit(k, 0) for k in keys_by_size[mib]]
-            for tr in trs:
-                tr.done.wait()
-            pool.close()
-            for tr in trs:
-                if tr.error is not None:
-                    raise tr.error
-                rows.append((tr.file_bytes, tr.duration_s))
-        mode = store.mode
-    finally:
-        for p in os.listdir(root):
-            os.unlink(os.path.join(root, p))
-        os.rmdir(root)
+    for store, keys in stores_keys:
+        store.drop_cache(keys)
+        pool = IOPool(store.read, threads)
+        trs = [pool.submit(k, 0) for k in keys]
+        for tr in trs:
+            tr.done.wait()
+        pool.close()
+        for tr in trs:
+            if tr.error is not None:
+                raise tr.error
+            rows.append((tr.file_bytes, tr.duration_s))
+            store.release(tr.result)
+    return rows
+
+
+def fit_reads(rows, threads: int, what: str) -> dict:
+    """Least-squares ``seconds = latency + bytes / bandwidth`` over (bytes, seconds) reads."""
     b = np.array([r[0] for r in rows], float)
     t = np.array([r[1] for r in rows], float)
-    slope, intercept = np.polyfit(b, t, 1)
-    if slope <= 0:
+    if len(set(b.tolist())) > 1:
+        slope, intercept = np.polyfit(b, t, 1)
+    else:
+        slope, intercept = 0.0, 0.0
+    if slope <= 0 or intercept < 0:
         slope, intercept = float(np.sum(t) / np.sum(b)), 0.0
     return {"name": "expert-read-measured", "kind": "storage", "bandwidth": float(1.0 / slope),
-            "latency": float(max(intercept, 0.0)),
-            "source": (f"moesim.executor.calibrate: cold {mode} reads of safetensors files "
-                       f"{list(sizes_mib)} MiB, {threads} I/O threads, {len(rows)} reads")}
+            "latency": float(intercept),
+            "source": f"moesim.executor.calibrate: {what}, {threads} I/O threads, {len(rows)} reads"}
+
+
+def measure_expert_reads(directory: str | None = None, threads: int = 2,
+                         sizes_mib=(4, 8, 16, 32), files_per_size: int = 6) -> dict:
+    """Cold reads of fresh safetensors files of several sizes, ``threads`` at a time (the I/O
+    pool of a run), fitted to ``seconds = latency + bytes / bandwidth`` per read."""
+    import shutil
+
+    import torch
+
+    root = tempfile.mkdtemp(prefix="moesim-readcal-", dir=directory)
+    try:
+        groups = []
+        key = 0
+        for mib in sizes_mib:
+            store = ExpertStore(root, num_experts=1000)
+            keys = []
+            for _ in range(files_per_size):
+                store.write(key, {"w": torch.ones(int(mib * 2**20 // 2), dtype=torch.bfloat16)})
+                keys.append(key)
+                key += 1
+            groups.append((store, keys))
+        rows = measure_store_reads(groups, threads)
+        mode = groups[0][0].mode
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return fit_reads(rows, threads, f"cold {mode} reads of new files of {list(sizes_mib)} MiB")
 
 
 def extend_profile(path, specs, threads: int = 2, compute_threads: int = 1,
-                   disk_dir: str | None = None, sizes_mib=(4, 8, 16, 32)) -> dict:
-    """Add executor kernel rows for each stack spec and the expert-read link to a profile."""
+                   disk_dir: str | None = None, sizes_mib=(4, 8, 16, 32),
+                   stores_keys=None, kernels: bool = True, reads: bool = True) -> dict:
+    """Add executor kernel rows for each stack spec and the expert-read link to a profile.
+    ``stores_keys`` ([(ExpertStore, keys)]) times reads of existing expert files instead of
+    new files of ``sizes_mib``."""
     import yaml
 
     from moesim.fileio import write_text_atomic
@@ -123,11 +150,19 @@ def extend_profile(path, specs, threads: int = 2, compute_threads: int = 1,
     tables = [r for r in data.get("tables") or []
               if r.get("operation") not in ("expert_ffn", "moe_dense")
               or not any(r.get("shape") in (s.expert_shape, s.dense_shape) for s in specs)]
-    for spec in specs:
-        tables += kernel_rows(spec, compute_threads)
-    data["tables"] = tables
-    data.setdefault("links", {})["expert_read"] = measure_expert_reads(disk_dir, threads,
-                                                                       sizes_mib)
+    if kernels:
+        for spec in specs:
+            tables += kernel_rows(spec, compute_threads, directory=disk_dir)
+        data["tables"] = tables
+    if not reads:
+        pass
+    elif stores_keys:
+        link = fit_reads(measure_store_reads(stores_keys, threads), threads,
+                         f"cold {stores_keys[0][0].mode} reads of expert-store files")
+    else:
+        link = measure_expert_reads(disk_dir, threads, sizes_mib)
+    if reads:
+        data.setdefault("links", {})["expert_read"] = link
     data.setdefault("executor", {}).update({"io_threads": threads,
                                             "compute_threads": compute_threads})
     write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))

@@ -145,6 +145,8 @@ def run(spec: StackSpec, store: ExpertStore, settings: RunSettings, *, trace=Non
     store.drop_cache(np.unique(all_keys).tolist())
     from moesim.executor.io import IOPool
 
+    _prepare(spec, store, policy, settings, int(all_keys[0]))
+
     L, K = spec.layers, spec.top_k
     rec = _empty_record(T, L, K, spec.hidden)
     clock = time.perf_counter
@@ -188,9 +190,9 @@ def run(spec: StackSpec, store: ExpertStore, settings: RunSettings, *, trace=Non
                     t1 = clock()
                     pre = [policy.resident.get(k) == 1 for k in keys]
                     hits = policy.lookup(keys, b, info, per_access=True)
-                    _sync(policy, ram, loading)
+                    _sync(policy, ram, loading, store)
                     t_exp, t_wait = _experts(pool, ram, loading, keys, hits, pre, h, w_row,
-                                             out, rec, t, layer, clock)
+                                             out, rec, t, layer, clock, store)
                     if prefetcher is not None:
                         prefetcher.observe(b, keys, hits)
                     rec.experts[t, layer] = ids_row
@@ -210,6 +212,24 @@ def run(spec: StackSpec, store: ExpertStore, settings: RunSettings, *, trace=Non
     rec.cold_mode = store.mode
     rec.file_header_bytes = header_bytes(store, int(all_keys[0])) if len(all_keys) else 0
     return rec
+
+
+def _prepare(spec, store, policy, settings, key) -> None:
+    """Allocate the cache's buffers and warm the kernels up before the clock starts."""
+    import torch
+
+    payload = spec.expert_payload_bytes()
+    slots = policy.layout.capacity if policy.layout.unit == "experts" else (
+        policy.layout.capacity // max(payload, 1))
+    slots = min(int(slots), spec.layers * spec.num_experts)
+    store.preallocate(slots + settings.io_threads + 2 * spec.top_k,
+                      store.path(key).stat().st_size)
+    x = token_input(spec, -1)
+    e = expert_tensors(spec, 0)
+    with torch.inference_mode():
+        for _ in range(3):
+            DenseLayer(spec, 0).forward(x)
+            swiglu(x, e["w_gate"], e["w_up"], e["w_down"])
 
 
 def _policy(spec, settings, stream):
@@ -234,16 +254,19 @@ def _policy(spec, settings, stream):
     return policy, prefetcher
 
 
-def _sync(policy, ram, loading) -> None:
-    """Drop what the policy evicted (a read in flight for it is discarded when it lands)."""
+def _sync(policy, ram, loading, store) -> None:
+    """Drop what the policy evicted (a read in flight for it is discarded when it lands) and
+    hand the buffers back to the store for the next reads."""
     res = policy.resident
     for k in [k for k in ram if k not in res]:
-        del ram[k]
+        store.release(ram.pop(k))
     for k in [k for k, tr in loading.items() if k not in res and tr.done.is_set()]:
-        del loading[k]
+        tr = loading.pop(k)
+        if tr.result is not None and all(tr.result is not r for r in ram.values()):
+            store.release(tr.result)
 
 
-def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, clock):
+def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, clock, store):
     """Compute the batch's experts: resident ones first, then reads in completion order."""
     compute = 0.0
     wait = 0.0
@@ -255,11 +278,13 @@ def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, 
         rec.residency[t, layer, slot] = 0 if hit is False else (2 if pre[slot] else 1)
         if hit is False:
             # a miss is a read, even if the key was evicted and re-admitted by this very batch
-            ram.pop(k, None)
+            old = ram.pop(k, None)
+            if old is not None:
+                store.release(old)
             loading[k] = pool.submit(k, 0)
         if k in ram:
             c0 = clock()
-            out += float(w_row[slot]) * swiglu(h, *_mats(ram[k]))
+            out += float(w_row[slot]) * swiglu(h, *_mats(ram[k].tensors))
             compute += clock() - c0
         else:
             waiting.append((slot, k, loading[k]))
@@ -273,10 +298,10 @@ def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, 
         if hits[slot] is False:
             rec.read_bytes[t, layer, slot] = tr.payload_bytes
             rec.read_s[t, layer, slot] = tr.duration_s
-        ram[k] = tr.result.tensors
+        ram[k] = tr.result
         loading.pop(k, None)
         c0 = clock()
-        out += float(w_row[slot]) * swiglu(h, *_mats(ram[k]))
+        out += float(w_row[slot]) * swiglu(h, *_mats(ram[k].tensors))
         compute += clock() - c0
     return compute, wait
 

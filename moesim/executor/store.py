@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,15 @@ class ReadResult:
     buffer: object = None
 
 
+_ST_DTYPE = {"torch.bfloat16": "BF16", "torch.float16": "F16", "torch.float32": "F32"}
+
+
+def _uint8():
+    import torch
+
+    return torch.uint8
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -54,6 +64,8 @@ class ExpertStore:
             raise ExecutorError(f"unknown cold-read mode {cold!r}; choose direct, fadvise or none")
         self.cold = cold
         self._direct_ok: bool | None = None
+        self._free: dict[int, list] = {}  # size -> read buffers handed back (pages faulted in)
+        self._lock = threading.Lock()
 
     def path(self, key: int) -> Path:
         layer, expert = divmod(int(key), self.num_experts)
@@ -64,18 +76,32 @@ class ExpertStore:
 
     # ----- writing -------------------------------------------------------------------------------
     def write(self, key: int, tensors: dict) -> None:
-        """Write one expert's tensors (atomically: temporary name, fsync, rename)."""
-        from safetensors.torch import save_file
+        """Write one expert's tensors (atomically: temporary name, fsync, rename).
 
+        The safetensors header is padded with spaces (which the format allows) so the data
+        starts on a 4 KiB boundary: tensors read into a page-aligned buffer are then aligned
+        as the GEMM kernels want them."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path(key)
         tmp = final.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        names = sorted(tensors)
+        header, offset, blobs = {}, 0, []
+        for name in names:
+            t = tensors[name].contiguous()
+            raw = t.view(-1).view(_uint8()).numpy().tobytes()
+            header[name] = {"dtype": _ST_DTYPE[str(t.dtype)], "shape": list(t.shape),
+                            "data_offsets": [offset, offset + len(raw)]}
+            offset += len(raw)
+            blobs.append(raw)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        hlen = -(-(8 + len(text)) // BLOCK) * BLOCK - 8
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", hlen))
+            f.write(text + b" " * (hlen - len(text)))
+            for raw in blobs:
+                f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, final)
 
     # ----- reading -------------------------------------------------------------------------------
@@ -112,6 +138,32 @@ class ExpertStore:
             return "fadvise"
         return self.cold
 
+    def _buffer(self, size: int):
+        """A page-aligned buffer (as O_DIRECT requires), reused when one was released."""
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return mmap.mmap(-1, size)
+
+    def preallocate(self, count: int, file_bytes: int) -> None:
+        """Fault in ``count`` read buffers for expert files of ``file_bytes`` up front, as an
+        engine allocates its cache slots before serving (no page zeroing inside the run)."""
+        size = -(-max(file_bytes, BLOCK) // BLOCK) * BLOCK
+        for _ in range(int(count)):
+            buf = mmap.mmap(-1, size)
+            buf.write(b"\0" * size)
+            with self._lock:
+                self._free.setdefault(size, []).append(buf)
+
+    def release(self, result: ReadResult) -> None:
+        """Hand an evicted expert's buffer back; its tensors must no longer be used."""
+        buf = result.buffer
+        if buf is not None:
+            result.tensors, result.buffer = {}, None
+            with self._lock:
+                self._free.setdefault(len(buf), []).append(buf)
+
     def read(self, key: int) -> ReadResult:
         """Read one expert from disk and parse it; raises ExecutorError if it is missing."""
         import torch
@@ -125,7 +177,7 @@ class ExpertStore:
         fd, direct = self._open(p)
         try:
             n = -(-size // BLOCK) * BLOCK if direct else size
-            buf = mmap.mmap(-1, max(n, BLOCK))  # page-aligned, as O_DIRECT requires
+            buf = self._buffer(-(-max(n, BLOCK) // BLOCK) * BLOCK)
             view = memoryview(buf)
             got = 0
             while got < n:
