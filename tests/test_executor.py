@@ -182,3 +182,26 @@ def test_esft_routing_runs(tmp_path, esft_npz):
     spec = StackSpec(model, 2, 64, 6, "fp32")
     rec = run(spec, store_for(tmp_path, spec), RunSettings(capacity_experts=16), trace=r)
     np.testing.assert_array_equal(rec.experts, r.to_arrays()["experts"])
+
+
+def test_store_files_are_standard_safetensors_with_aligned_data(tmp_path):
+    from safetensors.torch import load_file
+
+    spec = tiny_spec()
+    store = ExpertStore(tmp_path, E)
+    tensors = expert_tensors(spec, 2)
+    store.write(2, tensors)
+    loaded = load_file(str(store.path(2)))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    res = store.read(2)
+    first = min(t.data_ptr() for t in res.tensors.values())
+    assert first % 4096 == 0  # the header is padded: data starts on a page
+    assert all(t.data_ptr() % 64 == 0 for t in res.tensors.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the guard of a machine without CUDA")
+def test_cuda_mode_is_guarded_without_a_gpu(tmp_path):
+    spec = tiny_spec()
+    with pytest.raises(ExecutorError, match="no CUDA device"):
+        run(spec, store_for(tmp_path, spec), RunSettings(device="cuda", capacity_experts=4),
+            trace=random_trace())
