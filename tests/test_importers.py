@@ -19,7 +19,6 @@ from moesim.errors import MoesimError, PresetError, TraceError
 from moesim.traces import PHASE_DECODE, PHASE_PREFILL, Trace
 from moesim.traces.importers import (
     FORMATS,
-    _with_positions,
     export_arrays_npz,
     format_names,
     import_trace,
@@ -113,8 +112,8 @@ def test_round_trip_keeps_interleaved_requests_positions_and_columns(tmp_path):
     req = np.array([0, 1, 0, 1, 0, 1])
     t = Trace.from_arrays(experts, seq_lens=[1] * 6, phase="decode", request_ids=req,
                           steps=np.array([0, 0, 1, 1, 2, 2]), num_experts=8,
+                          token_pos=np.array([5, 0, 6, 1, 7, 2]),
                           extras={"residency": np.ones((6, 2, 2), np.int8)})
-    t = _with_positions(t, experts, np.array([5, 0, 6, 1, 7, 2]))
     export_arrays_npz(t, tmp_path / "i.npz")
     back = import_trace(tmp_path / "i.npz", "arrays-npz")
     assert back.meta == t.meta

@@ -195,3 +195,14 @@ def test_writer_streams_rows_with_optional_columns(tmp_path):
     assert t.num_rows == 6 and t.extra_columns == ["t_layer_s"]
     a = t.to_arrays(columns=["t_layer_s"])
     np.testing.assert_allclose(a["t_layer_s"], [[0.1, 0.2]] * 3)
+
+
+def test_recorded_positions_of_interleaved_requests_survive_a_round_trip(tmp_path):
+    experts, weights = random_routing(T=6, L=2)
+    # two requests decoding in turn: 0, 1, 0, 1, ... at positions 10, 3, 11, 4, 12, 5
+    t = Trace.from_arrays(experts, weights, seq_lens=[1] * 6, phase="decode",
+                          request_ids=np.array([0, 1, 0, 1, 0, 1]), num_experts=8,
+                          token_pos=np.array([10, 3, 11, 4, 12, 5]))
+    a = Trace.read(t.write(tmp_path / "p.parquet")).to_arrays()
+    np.testing.assert_array_equal(a["token_pos"], [10, 3, 11, 4, 12, 5])
+    np.testing.assert_array_equal(a["experts"], experts)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from moesim.errors import TraceError, unknown_name
 from moesim.fileio import atomic_path
@@ -199,22 +198,6 @@ def _trim_padded_slots(experts: np.ndarray, where: str) -> np.ndarray:
         raise TraceError(f"{where}: token {t} layer {layer} has {counts[t, layer]} expert ids, "
                          f"others have {k} (ragged top-k)")
     return trimmed
-
-
-def _with_positions(trace: Trace, experts: np.ndarray, positions: np.ndarray) -> Trace:
-    """Replace token_pos by recorded absolute positions (one per token of ``experts``).
-
-    Rows are token-major and a (token, layer) whose ids are all -1 is absent (the schema's
-    contract), so row r belongs to token ``repeat(arange(T), rows_per_token)[r]``."""
-    positions = np.asarray(positions, dtype=np.int64)
-    if positions.size and (positions.min() < 0 or positions.max() > np.iinfo(np.int32).max):
-        raise TraceError("token positions must be between 0 and 2^31-1")
-    rows_per_token = (experts != -1).any(axis=2).sum(axis=1)
-    row_pos = np.repeat(positions, rows_per_token).astype(np.int32)
-    table = trace.to_table()
-    table = table.set_column(table.schema.get_field_index("token_pos"), "token_pos",
-                             pa.array(row_pos, pa.int32()))
-    return Trace(trace.meta, table=table)
 
 
 def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -437,11 +420,9 @@ def read_arrays_npz(path: Path, preset: MoEModel | None) -> Trace:
         phase = "decode" if decode_only else "prefill"
     elif phase.size and (phase.min() < 0 or phase.max() > 1):
         raise TraceError(f"{path}: phase must be 0 (prefill) or 1 (decode)")
-    trace = Trace.from_arrays(experts, weights, seq_lens, phase, meta, steps=per_token.get("step"),
-                              request_ids=request_ids, extras=extras)
-    if "token_pos" in per_token:
-        trace = _with_positions(trace, experts, per_token["token_pos"])
-    return trace
+    return Trace.from_arrays(experts, weights, seq_lens, phase, meta, steps=per_token.get("step"),
+                             request_ids=request_ids, token_pos=per_token.get("token_pos"),
+                             extras=extras)
 
 
 def _npz_foreign_meta(meta_json: dict, experts: np.ndarray, weights, preset, path: Path) -> TraceMeta:
@@ -604,9 +585,8 @@ def read_route_trace(path: Path, preset: MoEModel | None) -> Trace:
     seq_lens, request_ids = _runs(req_tok)
     if request_ids.size and (request_ids.min() < 0 or request_ids.max() > np.iinfo(np.int32).max):
         raise TraceError(f"{path}: turn numbers must be between 0 and 2^31-1")
-    trace = Trace.from_arrays(experts, weights, seq_lens, phase_tok, meta,
-                              request_ids=request_ids, extras=extras)
-    return _with_positions(trace, experts, tok_keys[:, 1])
+    return Trace.from_arrays(experts, weights, seq_lens, phase_tok, meta, request_ids=request_ids,
+                             token_pos=tok_keys[:, 1], extras=extras)
 
 
 def _check_route_ranges(cols: dict, L: int, E: int, K: int, path: Path) -> None:
@@ -772,9 +752,8 @@ def read_sglang_per_token(path: Path, preset: MoEModel | None) -> Trace:
     meta = _routing_meta(experts, preset, "", where, source="sglang-per-token",
                          weight_norm="none", expert_id_space=id_space, extra=extra)
     seq_lens, request_ids = _runs(reqs)
-    trace = Trace.from_arrays(experts, None, seq_lens, phases, meta, steps=steps,
-                              request_ids=request_ids)
-    return _with_positions(trace, experts, positions)
+    return Trace.from_arrays(experts, None, seq_lens, phases, meta, steps=steps,
+                             request_ids=request_ids, token_pos=positions)
 
 
 def _sglang_segments(extend_seq_lens, n: int, mode, where: str):
@@ -937,11 +916,10 @@ def _per_request_trace(arrays, prompt_lens, names, preset, where: str, source: s
     if any(p is None for p in prompt_lens):
         extra["phase"] = "prompt length unknown for some requests: their tokens are marked prefill"
     meta = _routing_meta(experts, preset, "", where, source=source, weight_norm="none", extra=extra)
-    trace = Trace.from_arrays(experts, None, seq_lens, phase, meta)
+    positions = None
     if any(starts):
         positions = np.concatenate([s0 + np.arange(len(a)) for a, s0 in zip(arrays, starts, strict=True)])
-        trace = _with_positions(trace, experts, positions)
-    return trace
+    return Trace.from_arrays(experts, None, seq_lens, phase, meta, token_pos=positions)
 
 
 # ----- MoE-Infinity activation counts ------------------------------------------------------------

@@ -199,6 +199,7 @@ class Trace:
         *,
         steps: np.ndarray | None = None,
         request_ids: np.ndarray | None = None,
+        token_pos: np.ndarray | None = None,
         extras: dict[str, np.ndarray] | None = None,
         **meta_fields,
     ) -> Trace:
@@ -206,7 +207,8 @@ class Trace:
 
         ``seq_lens`` splits the T tokens into consecutive requests (default: one request).
         ``phase`` is 'prefill'/'decode', or one value per token. ``steps`` defaults to one
-        forward pass per request's prefill and one per decode token. A (token, layer) whose
+        forward pass per request's prefill and one per decode token. ``token_pos`` gives recorded
+        positions (default: 0, 1, ... within each request). A (token, layer) whose
         expert ids are all -1 is absent (e.g. a layer pruned for that token).
         ``extras`` maps optional column names to ``[T, L]`` or ``[T, L, width]`` arrays.
         """
@@ -249,6 +251,13 @@ class Trace:
             req_tok = request_ids[req_tok]
         starts = np.repeat(np.cumsum(seq_lens) - seq_lens, seq_lens)
         pos_tok = (np.arange(T) - starts).astype(np.int32)
+        if token_pos is not None:
+            token_pos = np.asarray(token_pos)
+            if token_pos.shape != (T,):
+                raise TraceError(f"token_pos has shape {token_pos.shape}, expected ({T},) (one per token)")
+            if T and (token_pos.min() < 0 or token_pos.max() > np.iinfo(np.int32).max):
+                raise TraceError("token positions must be between 0 and 2^31-1")
+            pos_tok = token_pos.astype(np.int32)
         if steps is None:
             steps = _default_steps(req_tok, phase_tok)
         steps = np.asarray(steps, dtype=np.int32)
