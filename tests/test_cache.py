@@ -192,3 +192,26 @@ def test_esft_policies_sit_between_nothing_and_belady(esft_npz):
     for name in ("lru", "lfu", "hybrimoe", "moe-infinity", "sch"):
         hr = run_policy(s, name, capacity_experts=416).stats["hit_rate"]
         assert 0.2 < hr <= bel + 1e-12, name
+
+
+def test_cli_cache_json_lists_and_errors(tmp_path, capsys):
+    import json
+
+    from moesim.cli import main
+    from moesim.traces import Trace
+
+    ex = _small_trace(5, 40, 2, 8, 2)
+    path = tmp_path / "t.parquet"
+    Trace.from_arrays(ex, np.ones(ex.shape, np.float32), None, "decode", num_experts=8,
+                      expert_bytes=[1000, 1000]).write(path)
+    assert main(["cache", str(path), "--policy", "lru", "--sizes", "4,8,16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    s = stream_from(ex, expert_bytes=1000)
+    want = [run_policy(s, "lru", capacity_experts=c) for c in (4, 8, 16)]
+    assert out["hit_rate"] == pytest.approx([w.stats["hit_rate"] for w in want])
+    assert out["hit_rate_decode"] == out["hit_rate"]
+    assert out["bytes_read"] == [w.stats["bytes_read"] for w in want]
+    assert out["gap_recovered"] == [0.0, 0.0, 0.0] or None in out["gap_recovered"]
+    assert main(["cache", str(path), "--policy", "nope", "--capacity-experts", "4"]) == 2
+    assert "unknown cache policy" in capsys.readouterr().err
+    assert main(["cache", str(path), "--capacity-bytes", "lots"]) == 2
