@@ -215,3 +215,21 @@ def test_cli_cache_json_lists_and_errors(tmp_path, capsys):
     assert main(["cache", str(path), "--policy", "nope", "--capacity-experts", "4"]) == 2
     assert "unknown cache policy" in capsys.readouterr().err
     assert main(["cache", str(path), "--capacity-bytes", "lots"]) == 2
+
+
+def test_cli_cache_takes_expert_bytes_from_the_traces_model_preset(tmp_path, capsys):
+    import json
+
+    from moesim.cli import main
+    from moesim.model import get_model
+    from moesim.traces import Trace
+
+    ex = _small_trace(5, 40, 2, 8, 2)
+    path = tmp_path / "t.parquet"
+    Trace.from_arrays(ex, np.ones(ex.shape, np.float32), None, "decode", num_experts=8,
+                      model="mixtral-8x7b").write(path)
+    assert main(["cache", str(path), "--policy", "lru", "--capacity-experts", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    lookups = 40 * 2 * 2
+    misses = round(lookups * (1 - out["hit_rate"]))
+    assert out["bytes_read"] == misses * get_model("mixtral-8x7b").expert_bytes()

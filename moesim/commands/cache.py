@@ -85,10 +85,14 @@ def register(app: typer.Typer) -> None:
         unit = caps[0][1]
         t = Trace.read(trace)
         eb = expert_bytes
-        if eb is None and t.meta.expert_bytes is None and model:
-            from moesim.model import get_model
+        if eb is None and t.meta.expert_bytes is None:
+            from moesim.model import PRESETS, get_model
 
-            eb = get_model(model).expert_bytes()
+            # --model, else the trace's own model name when it is a known preset
+            if model:
+                eb = get_model(model).expert_bytes()
+            elif t.meta.model in PRESETS:
+                eb = PRESETS[t.meta.model].expert_bytes()
         stream = AccessStream.from_trace(t, accounting, expert_bytes=eb)
         bytes_known = bool((stream.expert_bytes > 0).all())
         params = dict(_param(p) for p in param)
@@ -132,7 +136,7 @@ def register(app: typer.Typer) -> None:
             vals = [clean(r.get(k)) for r in results]
             payload[k] = vals[0] if single else vals
         if not bytes_known:
-            payload["note"] = "expert bytes unknown (no trace metadata, --model or --expert-bytes): bytes_read counts 0"
+            payload["note"] = "expert bytes unknown (not in the trace metadata, its model is no preset, and no --model or --expert-bytes): bytes_read counts 0"
 
         def render(p):
             typer.echo(f"{p['policy']} ({p['scope']}, {p['accounting']} accounting, prefetch {p['prefetch']}) on {p['trace']}")
