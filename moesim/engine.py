@@ -476,6 +476,7 @@ class Simulation:
             "attention_s", "dispatch_s", "experts_max_s", "experts_mean_s", "combine_s",
             "sent_bytes", "recv_bytes", "load_max", "load_mean", "start_s")}
         self.gpu_loads: list[np.ndarray] = []
+        self.gpu_expert_s: list[np.ndarray] = []  # [L, G] grouped-GEMM seconds per step
         self.bottlenecks: list[list[str]] = []
         self.gpu_busy = np.zeros(G)
         self.gpu_comm = np.zeros(G)
@@ -582,6 +583,7 @@ class Simulation:
         self.bottlenecks.append(r.bottleneck)
         if self.record_gpu:
             self.gpu_loads.append((r.gpu_load * mb).astype(np.float32))
+            self.gpu_expert_s.append(info["expert_t"] * mb)
 
     # ----- the SimPy process ---------------------------------------------------------------------
     def _serve(self, env, progress):

@@ -6,7 +6,8 @@ Tables (one row per thing):
 - ``steps``: per forward step its start, duration, tokens, stage totals, all-to-all bytes;
 - ``layers``: per step and MoE layer attention, dispatch, expert (slowest and mean GPU) and
   combine times, bytes sent and received, slowest and mean GPU load (token-expert pairs);
-- ``gpu_loads`` (when ``simulation.record_gpu``): per step, layer and GPU the pairs received.
+- ``gpu_loads`` (when ``simulation.record_gpu``): per step, layer and GPU the pairs received
+  and the seconds of its grouped GEMM (``experts_s``).
 
 Invariants checked on every run (``InvariantError`` is a simulator bug, never a user error):
 every request finishes exactly once; tokens out = output tokens asked for; prefill tokens =
@@ -74,6 +75,7 @@ class Results:
                 "layer": np.tile(np.repeat(np.arange(L), G), S),
                 "gpu": np.tile(np.arange(G), S * L),
                 "pairs": arr.ravel(),
+                "experts_s": np.stack(sim.gpu_expert_s).ravel(),
             })
         res = cls(sim.scenario.name, requests, steps, layers, gpu, {}, sim.routing.report(),
                   overlap=sim.overlap)
