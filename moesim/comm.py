@@ -441,11 +441,6 @@ def _slowest(terms: dict[str, tuple[np.ndarray, float]]) -> tuple[float, str, di
     return best, name, secs
 
 
-def _same_node(cluster: Cluster) -> np.ndarray:
-    node = np.arange(cluster.num_gpus) // cluster.gpus_per_node
-    return node[:, None] == node[None, :]
-
-
 # ---------------------------------------------------------------------------------------------
 # Dispatchers
 # ---------------------------------------------------------------------------------------------
@@ -469,35 +464,13 @@ class FlatAllToAll(Dispatcher):
 
     name = "flat"
     help = "NCCL/Megatron all-to-all of (token, expert) rows"
-    matrix = "Z"
-
-    def _matrix(self, counts: CommCounts) -> np.ndarray:
-        return getattr(counts, self.matrix)
 
     def _alpha(self, cluster: Cluster) -> float:
-        c = cluster.comm
-        lat = c.a2a_latency if c.a2a_latency is not None else (
-            cluster.nic.latency if cluster.num_nodes > 1 else cluster.nvlink.latency)
-        return lat + c.per_peer * (cluster.num_gpus - 1)
+        return pair_fixed_cost(self.name, cluster)
 
     def run(self, counts, cluster, dispatch_row, combine_row):
-        C = self._matrix(counts) * dispatch_row
-        same = _same_node(cluster)
-        off = ~np.eye(cluster.num_gpus, dtype=bool)
-        nvl = np.where(same & off, C, 0.0)
-        ib = np.where(~same, C, 0.0)
-        links = {"nvl_out": nvl.sum(1), "nvl_in": nvl.sum(0)}
-        terms = {k: (v, cluster.nvl_bw()) for k, v in links.items()}
-        if cluster.num_nodes > 1:
-            links["nic_out"] = _per_nic(cluster, ib.sum(1))
-            links["nic_in"] = _per_nic(cluster, ib.sum(0))
-            terms.update({k: (links[k], cluster.rdma_bw()) for k in ("nic_out", "nic_in")})
-        t, name, secs = _slowest(terms)
-        alpha = self._alpha(cluster)
-        scale = combine_row / dispatch_row
-        return CommResult(
-            self.name, alpha + t, alpha + t * scale, (nvl + ib).sum(1), (nvl + ib).sum(0),
-            links, name, float(C.sum(1).mean()), scale, secs)
+        # one formula with the all-layers form: pair_layer_result / pair_comm_layers
+        return pair_layer_result(self.name, counts, cluster, dispatch_row, combine_row)
 
 
 class DeepEPLowLatency(FlatAllToAll):
@@ -510,19 +483,7 @@ class DeepEPLowLatency(FlatAllToAll):
     name = "deepep-ll"
     help = "DeepEP low-latency: per (token, expert) RDMA messages"
 
-    def run(self, counts, cluster, dispatch_row, combine_row):
-        C = counts.Z * dispatch_row
-        n = cluster.num_gpus
-        links = {"nic_out": _per_nic(cluster, C.sum(1)), "nic_in": _per_nic(cluster, C.sum(0))}
-        rate = cluster.comm.ll_rdma_bw or cluster.rdma_bw()
-        t, name, secs = _slowest({k: (v, rate) for k, v in links.items()})
-        c = cluster.comm
-        alpha = max(c.ll_alpha + c.ll_alpha_log2 * math.log2(max(n, 1)), 0.0)
-        if not c.ll_alpha and not c.ll_alpha_log2 and cluster.nic is not None:
-            alpha = cluster.nic.latency
-        scale = combine_row / dispatch_row
-        return CommResult(self.name, alpha + t, alpha + t * scale, C.sum(1), C.sum(0), links,
-                          name, float(C.sum(1).mean()), scale, secs)
+    # run: FlatAllToAll.run, which costs the pairs through pair_link_bytes("deepep-ll", ...)
 
 
 class DeepEPNormal(Dispatcher):
@@ -801,3 +762,123 @@ def alltoall_uniform_time(cluster: Cluster, nbytes_per_rank: float) -> float:
     counts = CommCounts(Z, Z.copy(), np.zeros((n, cluster.num_nodes)), np.ones(n),
                         cluster.gpus_per_node)
     return FlatAllToAll().run(counts, cluster, 1, 1).dispatch_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair dispatchers (flat, deepep-ll): one formula for one layer and for many layers at once
+# ---------------------------------------------------------------------------------------------
+PAIR_DISPATCHERS = ("flat", "deepep-ll")
+# path of a (token, expert) pair, the last axis of the path arrays below
+SAME_GPU, SAME_NODE, OTHER_NODE = 0, 1, 2
+
+
+def pair_paths(Z: np.ndarray, gpus_per_node: int) -> tuple[np.ndarray, np.ndarray]:
+    """(out, in) ``[G, 3]``: pairs each GPU sends and receives, by path (same GPU, same node,
+    other node), from one layer's ``Z``. What the pair dispatchers need of Z."""
+    n = Z.shape[0]
+    node = np.arange(n) // gpus_per_node
+    same = node[:, None] == node[None, :]
+    diag = np.diag(Z)
+    node_out = np.where(same, Z, 0.0).sum(1)
+    node_in = np.where(same, Z, 0.0).sum(0)
+    out = np.stack([diag, node_out - diag, Z.sum(1) - node_out], axis=-1)
+    into = np.stack([diag, node_in - diag, Z.sum(0) - node_in], axis=-1)
+    return out, into
+
+
+def per_nic(cluster: Cluster, per_gpu: np.ndarray) -> np.ndarray:
+    """Sum ``per_gpu[..., G]`` onto the NICs the GPUs use (``[..., NICs]``)."""
+    idx = _nic_index(cluster)
+    n_nics = cluster.num_nodes * max(cluster.nics_per_node, 1)
+    if n_nics == cluster.num_gpus and (idx == np.arange(n_nics)).all():
+        return per_gpu  # one NIC per GPU, in GPU order
+    onehot = np.zeros((cluster.num_gpus, n_nics))
+    onehot[np.arange(cluster.num_gpus), idx] = 1.0
+    return per_gpu @ onehot
+
+
+def pair_fixed_cost(dispatcher: str, cluster: Cluster) -> float:
+    """Fixed seconds of one dispatch (or combine) of a pair dispatcher."""
+    c = cluster.comm
+    if dispatcher == "deepep-ll":  # fitted a + c log2 P; the NIC latency when not calibrated
+        if not c.ll_alpha and not c.ll_alpha_log2 and cluster.nic is not None:
+            return cluster.nic.latency
+        return max(c.ll_alpha + c.ll_alpha_log2 * math.log2(max(cluster.num_gpus, 1)), 0.0)
+    lat = c.a2a_latency if c.a2a_latency is not None else (
+        cluster.nic.latency if cluster.num_nodes > 1 else cluster.nvlink.latency)
+    return lat + c.per_peer * (cluster.num_gpus - 1)
+
+
+def pair_link_bytes(dispatcher: str, cluster: Cluster, out_paths: np.ndarray,
+                    in_paths: np.ndarray, dispatch_row: float):
+    """Dispatch bytes on every link of a pair dispatcher, and the link rates.
+
+    ``out_paths`` / ``in_paths`` ``[..., G, 3]``: pairs sent / received by path (``pair_paths``;
+    any leading axes, e.g. layers). ``flat``: same-node pairs over NVLink, other-node pairs
+    through the sender's and the receiver's NIC, a GPU's own pairs stay local.
+    ``deepep-ll`` (pure RDMA): every pair, a GPU's own included, through its NIC. Returns
+    (links {name: bytes [..., G or NICs]}, rates {name: bytes/s}, sent [..., G], received
+    [..., G]).
+    """
+    b = float(dispatch_row)
+    if dispatcher == "deepep-ll":
+        send = out_paths.sum(-1) * b
+        recv = in_paths.sum(-1) * b
+        rate = cluster.comm.ll_rdma_bw or cluster.rdma_bw()
+        links = {"nic_out": per_nic(cluster, send), "nic_in": per_nic(cluster, recv)}
+        return links, {"nic_out": rate, "nic_in": rate}, send, recv
+    if dispatcher != "flat":
+        raise unknown_name("pair dispatcher", dispatcher, PAIR_DISPATCHERS)
+    links = {"nvl_out": out_paths[..., SAME_NODE] * b, "nvl_in": in_paths[..., SAME_NODE] * b}
+    rates = {"nvl_out": cluster.nvl_bw(), "nvl_in": cluster.nvl_bw()}
+    if cluster.num_nodes > 1:
+        links["nic_out"] = per_nic(cluster, out_paths[..., OTHER_NODE] * b)
+        links["nic_in"] = per_nic(cluster, in_paths[..., OTHER_NODE] * b)
+        rates.update(nic_out=cluster.rdma_bw(), nic_in=cluster.rdma_bw())
+    send = (out_paths[..., SAME_NODE] + out_paths[..., OTHER_NODE]) * b
+    recv = (in_paths[..., SAME_NODE] + in_paths[..., OTHER_NODE]) * b
+    return links, rates, send, recv
+
+
+def pair_layer_result(dispatcher: str, counts: CommCounts, cluster: Cluster,
+                      dispatch_row: int, combine_row: int) -> CommResult:
+    """One layer of a pair dispatcher (what FlatAllToAll / DeepEPLowLatency.run return)."""
+    out, into = pair_paths(counts.Z, cluster.gpus_per_node)
+    links, rates, send, recv = pair_link_bytes(dispatcher, cluster, out, into, dispatch_row)
+    t, name, secs = _slowest({k: (v, rates[k]) for k, v in links.items()})
+    alpha = pair_fixed_cost(dispatcher, cluster)
+    scale = combine_row / dispatch_row
+    logical = float(counts.Z.sum(1).mean()) * dispatch_row  # (token, expert) rows sent per rank
+    return CommResult(dispatcher, alpha + t, alpha + t * scale, send, recv, links, name, logical,
+                      scale, secs)
+
+
+@dataclass
+class LayersComm:
+    """Dispatch and combine of many layers (one entry per layer)."""
+
+    dispatch_s: np.ndarray
+    combine_s: np.ndarray
+    sent_bytes: np.ndarray  # dispatch bytes put on links, all GPUs
+    recv_bytes: np.ndarray
+    bottleneck: list[str]  # the link term that set each layer's dispatch time
+
+
+def pair_comm_layers(dispatcher: str, cluster: Cluster, out_paths: np.ndarray,
+                     in_paths: np.ndarray, dispatch_row: int, combine_row: int) -> LayersComm:
+    """``flat`` / ``deepep-ll`` for all layers at once from ``[L, G, 3]`` path counts.
+
+    The same link bytes, rates and fixed cost as the per-layer dispatchers
+    (``pair_link_bytes``, ``pair_fixed_cost``); the time is fixed cost + the busiest link.
+    """
+    links, rates, send, recv = pair_link_bytes(dispatcher, cluster, out_paths, in_paths,
+                                               dispatch_row)
+    names = list(links)
+    secs = np.stack([links[k].max(axis=-1) / rates[k] for k in names], axis=-1)  # [L, terms]
+    t = secs.max(axis=-1)
+    which = secs.argmax(axis=-1)
+    bottleneck = [names[i] if t_l > 0 else "none" for i, t_l in zip(which.tolist(), t.tolist(),
+                                                                  strict=True)]
+    alpha = pair_fixed_cost(dispatcher, cluster)
+    scale = combine_row / dispatch_row
+    return LayersComm(alpha + t, alpha + t * scale, send.sum(-1), recv.sum(-1), bottleneck)
