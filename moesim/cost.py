@@ -76,6 +76,18 @@ class CostTable:
         w = (tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
         return ys[i - 1] + w * (ys[i] - ys[i - 1])
 
+    def lookup_array(self, operation: str, shape: str, dtype: str, tokens) -> np.ndarray | None:
+        """``lookup`` for an array of token counts (same interpolation and scaling)."""
+        curve = self.curves.get((operation, shape, dtype))
+        if curve is None:
+            return None
+        xs, ys = np.asarray(curve[0]), np.asarray(curve[1])
+        t = np.asarray(tokens, dtype=float)
+        inside = np.interp(t, xs, ys)
+        if xs[-1] <= 0:
+            return inside
+        return np.where(t >= xs[-1], ys[-1] * t / xs[-1], inside)
+
 
 # ---------------------------------------------------------------------------------------------
 # Roofline
@@ -133,8 +145,8 @@ class CostModel:
         m = np.asarray(tokens_per_expert, dtype=float)
         shape = f"{model.hidden}x{model.moe_intermediate}"
         if self.table and (("expert_ffn", shape, model.expert_dtype) in self.table.curves):
-            return np.array([self.table.lookup("expert_ffn", shape, model.expert_dtype, x)
-                             if x > 0 else 0.0 for x in m])
+            hit = self.table.lookup_array("expert_ffn", shape, model.expert_dtype, m)
+            return np.where(m > 0, hit, 0.0)
         flops = m * model.expert_flops_per_token()
         act = m * (2 * model.hidden + model.ffn_matrices * model.moe_intermediate) * self.act_bytes
         nbytes = np.where(m > 0, model.expert_bytes() + act, 0.0)
@@ -143,8 +155,12 @@ class CostModel:
 
     def grouped_gemm_time(self, model: MoEModel, tokens_per_expert) -> float:
         """One grouped-GEMM launch over a GPU's local experts (sum of per-expert rooflines)."""
+        return float(self.grouped_gemm_times(model, np.asarray(tokens_per_expert, dtype=float)))
+
+    def grouped_gemm_times(self, model: MoEModel, tokens_per_expert) -> np.ndarray:
+        """``grouped_gemm_time`` of many GPUs at once: ``tokens_per_expert[..., local experts]``."""
         per = self.expert_times(model, tokens_per_expert)
-        return float(per.sum()) + (self.device.kernel_overhead if per.any() else 0.0)
+        return per.sum(-1) + np.where((per > 0).any(-1), self.device.kernel_overhead, 0.0)
 
     def shared_expert_time(self, model: MoEModel, tokens: int) -> float:
         if model.shared_experts == 0 or tokens <= 0:
@@ -187,29 +203,39 @@ class CostModel:
         total = float(n.sum())
         if total <= 0:
             return 0.0
-        decode = bool(np.all(n == 1))
         pairs = float((n * c + n * (n + 1) / 2).sum())
+        return float(self.attention_times(model, total, pairs, float((c + n).sum()),
+                                          bool(np.all(n == 1))))
+
+    def attention_times(self, model: MoEModel, tokens, pairs, kv_tokens, decode) -> np.ndarray:
+        """``attention_time`` of many devices at once, from each one's totals: new ``tokens``,
+        (query, key) ``pairs``, cached + new tokens read (``kv_tokens``), ``decode`` (all new
+        tokens are single-token decodes: MLA then uses the absorbed latent)."""
+        total, pairs, kv = np.broadcast_arrays(*(np.asarray(x, dtype=float)
+                                                 for x in (tokens, pairs, kv_tokens)))
+        decode = np.broadcast_to(np.asarray(decode, dtype=bool), total.shape)
         if model.attention == "mla":
-            if decode:
-                qk, v = model.kv_lora_rank + model.qk_rope_head_dim, model.kv_lora_rank
-            else:
-                qk, v = model.qk_nope_head_dim + model.qk_rope_head_dim, model.v_head_dim
+            qk = np.where(decode, model.kv_lora_rank + model.qk_rope_head_dim,
+                          model.qk_nope_head_dim + model.qk_rope_head_dim)
+            v = np.where(decode, model.kv_lora_rank, model.v_head_dim)
         else:
             qk = v = model.head_dim
-        phase = "decode" if decode else "prefill"
-        hit = self._table(f"attention_{phase}", f"{model.hidden}", model.dense_dtype, total)
-        if hit is not None:
-            return hit
         proj_flops = 2.0 * model.attention_params() * total
         core_flops = 2.0 * (qk + v) * model.num_heads * pairs
         kv_per_token = model.kv_bytes_per_token("bf16") / model.num_layers
         nbytes = (model.attention_params() * BYTES_PER_PARAM[model.dense_dtype]
-                  + float((c + n).sum()) * kv_per_token + 4 * total * model.hidden * self.act_bytes)
+                  + kv * kv_per_token + 4 * total * model.hidden * self.act_bytes)
         eff = tile_efficiency(total, self.device.gemm_tile_m)
-        t_proj = float(self.roofline(proj_flops, 0.0, model.dense_dtype, eff))
-        t_core = float(self.roofline(core_flops, 0.0, "bf16"))
-        t_mem = float(self.roofline(0.0, nbytes, model.dense_dtype))
-        return max(t_proj + t_core, t_mem) + 2 * self.device.kernel_overhead
+        t_proj = self.roofline(proj_flops, 0.0, model.dense_dtype, eff)
+        t_core = self.roofline(core_flops, 0.0, "bf16")
+        t_mem = self.roofline(0.0, nbytes, model.dense_dtype)
+        out = np.maximum(t_proj + t_core, t_mem) + 2 * self.device.kernel_overhead
+        for phase, is_phase in (("decode", decode), ("prefill", ~decode)):
+            hit = self.table.lookup_array(f"attention_{phase}", f"{model.hidden}",
+                                          model.dense_dtype, total) if self.table else None
+            if hit is not None:
+                out = np.where(is_phase, hit, out)
+        return np.where(total > 0, out, 0.0)
 
     def prefill_attention_time(self, model: MoEModel, seq_lens) -> float:
         lens = np.asarray(seq_lens)
