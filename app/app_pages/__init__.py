@@ -1,0 +1,1 @@
+"""Pages of the dashboard, each a script run by ``st.navigation`` in ``moesim/app/main.py``."""
