@@ -485,6 +485,32 @@ class DeepEPLowLatency(FlatAllToAll):
 
     # run: FlatAllToAll.run, which costs the pairs through pair_link_bytes("deepep-ll", ...)
 
+    def rank_times(self, counts: CommCounts, cluster: Cluster, dispatch_row: int,
+                   combine_row: int) -> tuple[np.ndarray, np.ndarray]:
+        """([G] dispatch, [G] combine) seconds of each rank's own kernel.
+
+        The messages are written into pre-allocated receive slots with no back-pressure, so a
+        rank's kernel ends when its NIC has sent its messages, its NIC has received the
+        messages for it, and every rank that sends to it has finished sending (a sender spreads
+        its messages over its whole send phase). In dispatch the senders are the token owners
+        (equal volumes) and only hot receivers run long; in combine the senders are the expert
+        ranks, so every rank waits for the most loaded one. The maximum over ranks equals
+        ``run``'s ``dispatch_s`` / ``combine_s``; DeepEP's benchmark prints these per-rank
+        kernel times.
+        """
+        rate = cluster.comm.ll_rdma_bw or cluster.rdma_bw()
+        nic = _nic_index(cluster)
+        alpha = pair_fixed_cost(self.name, cluster)
+        pairs = counts.Z
+
+        def per_rank(Z: np.ndarray, row: int) -> np.ndarray:
+            send = per_nic(cluster, Z.sum(1) * row)[nic] / rate
+            recv = per_nic(cluster, Z.sum(0) * row)[nic] / rate
+            wait = np.where(Z > 0, send[:, None], 0.0).max(axis=0)  # slowest sender to me
+            return alpha + np.maximum(np.maximum(send, recv), wait)
+
+        return per_rank(pairs, dispatch_row), per_rank(pairs.T, combine_row)
+
 
 class DeepEPNormal(Dispatcher):
     """DeepEP normal kernels: node-deduplicated RDMA + NVLink forwarding (X, Y).

@@ -74,6 +74,8 @@ def alltoall(
                                   help="Replica choice: random | nearest | round-robin"),
     layer: int = typer.Option(0, "--layer", help="Layer of the trace / plan to use."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated routing."),
+    matrices: bool = typer.Option(False, "--matrices",
+                                  help="Add the count matrices X, Y, Z to the output."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Model one MoE layer's dispatch and combine time."""
@@ -96,6 +98,8 @@ def alltoall(
     payload = {"cluster": base.name, "ep": ep, "nodes": sub.num_nodes, "tokens_per_gpu": per,
                "experts": n_experts, "top_k": int(ids.shape[1]), "routing": routing,
                **result.to_dict(), "counts": counts.summary()}
+    if matrices:  # [src GPU][dst GPU] for X and Z, [src GPU][node] for Y
+        payload["matrices"] = {k: getattr(counts, k).tolist() for k in ("X", "Y", "Z")}
     emit(payload, as_json, _render)
 
 
