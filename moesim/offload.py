@@ -7,7 +7,10 @@ resident ones compute; a prefetcher's loads for the next batch are issued as the
 starts, overlapping its compute. With ``preempt=True`` (ProMoE) demand loads pre-empt
 speculative ones; otherwise they queue first-come first-served at a lower priority. A hybrid
 scheduler (``moesim.schedule``) may run missing experts on the CPU instead of loading them.
-The result is one row per token: latency, stall, bytes read.
+With ``disk`` (``moesim.storage.SharedDisk``) the channels are threads reading one disk whose
+bandwidth they share; ``layer_overhead_s`` is a fixed cost per batch (an engine's bookkeeping:
+lookup, queueing). The result is one row per token: latency, stall, bytes read; with
+``record=True`` also every lookup's outcome and every load (``df.attrs``).
 """
 
 from __future__ import annotations
@@ -29,16 +32,26 @@ class OffloadConfig:
     preempt: bool = False
     scheduler: str | None = None  # moesim.schedule name: CPU may compute misses
     costs: object = None  # moesim.schedule.HybridCosts when scheduler is set
+    layer_overhead_s: float = 0.0  # fixed seconds per batch besides dense and expert compute
+    disk: object = None  # moesim.storage.SharedDisk: loads share its bandwidth (load_s unused)
 
     def __post_init__(self):
-        if self.dense_s < 0 or self.expert_s < 0 or self.channels < 1:
+        if self.dense_s < 0 or self.expert_s < 0 or self.channels < 1 or self.layer_overhead_s < 0:
             raise MoesimError("offload config needs non-negative times and at least one I/O channel")
+        if self.disk is not None and self.preempt:
+            raise MoesimError("a shared disk does not model pre-empted loads; use preempt=False")
         if self.scheduler and self.costs is None:
             raise MoesimError("a hybrid scheduler needs HybridCosts (moesim.schedule)")
 
 
-def simulate(stream, policy, config: OffloadConfig, prefetcher=None, max_batches: int | None = None):
-    """Run the stream through the device model; return a pandas DataFrame, one row per token."""
+def simulate(stream, policy, config: OffloadConfig, prefetcher=None, max_batches: int | None = None,
+             record: bool = False):
+    """Run the stream through the device model; return a pandas DataFrame, one row per token.
+
+    ``record=True`` adds ``df.attrs["lookups"]`` (per looked-up key in stream order: ``hit``
+    0 miss, 1 hit, 2 hit on a key a prefetch admitted, -1 dropped; ``miss_bytes``) and
+    ``df.attrs["loads"]`` (per load performed: ``key``, ``bytes``, ``priority``, ``start_s``,
+    ``end_s``), the sequences a real run is checked against."""
     import pandas as pd
     import simpy
 
@@ -58,26 +71,55 @@ def simulate(stream, policy, config: OffloadConfig, prefetcher=None, max_batches
     kbytes = stream.key_bytes
     nb = stream.num_batches if max_batches is None else min(max_batches, stream.num_batches)
     tok_rows: dict[int, dict] = {}
+    hit_codes: list[int] = []
+    miss_bytes: list[int] = []
+    loads: list[tuple] = []
+    share = None
+    if config.disk is not None:
+        from moesim.storage import FairShare
 
-    def load(key, prio):
+        share = FairShare(env, config.disk)
+
+    def load(key, prio, fresh=False):
+        # every admission is a read of its own (``fresh``): a key evicted while its prefetch
+        # was in flight and admitted again is read again, however the timing falls
         done = inflight.get(key)
-        if done is not None:
+        if done is not None and not fresh:
             return done
         done = env.event()
         inflight[key] = done
 
         def run():
+            t_issue = env.now
+            if share is not None:
+                with io.request(priority=prio) as req:
+                    yield req
+                    t_start = env.now
+                    yield env.timeout(config.disk.latency)
+                    yield share.transfer(config.disk.disk_bytes(float(kbytes[key])))
+                if inflight.get(key) is done:
+                    del inflight[key]
+                if record:
+                    loads.append((key, int(kbytes[key]), prio, t_issue, t_start, env.now))
+                done.succeed()
+                return
             remaining = config.load_s(float(kbytes[key]))
+            t_start = None
             while remaining > 1e-15:
                 with io.request(priority=prio, **({"preempt": prio == 0} if config.preempt else {})) as req:
                     yield req
                     start = env.now
+                    t_start = start if t_start is None else t_start
                     try:
                         yield env.timeout(remaining)
                         remaining = 0.0
                     except simpy.Interrupt:
                         remaining -= env.now - start  # resume the rest after the demand load
-            inflight.pop(key, None)
+            if inflight.get(key) is done:
+                del inflight[key]
+            if record:
+                loads.append((key, int(kbytes[key]), prio, t_issue,
+                              env.now if t_start is None else t_start, env.now))
             done.succeed()
 
         env.process(run())
@@ -101,15 +143,21 @@ def simulate(stream, policy, config: OffloadConfig, prefetcher=None, max_batches
             if prefetcher is not None:
                 want = prefetcher.predict(b + 1) if b + 1 < nb else []
                 for k in policy.prefetch(want, b, protect=keys):
-                    load(k, 1)
-            yield env.timeout(config.dense_s)
+                    load(k, 1, fresh=True)
+            yield env.timeout(config.dense_s + config.layer_overhead_s)
             info.layer, info.phase, info.request, info.clock, info.first = (
                 int(stream.batch_layer[b]), row["phase"], int(stream.batch_request[b]), clock, lo)
             info.weight = stream.weight[lo:hi].tolist()
             info.unimportance = stream.unimportance[lo:hi].tolist()
             info.count = stream.count[lo:hi].tolist()
             b0 = policy.stats.bytes_read
+            if record:
+                pre = [policy.resident.get(k) == 1 for k in keys]
             out = policy.lookup(keys, b, info, per_access=per_access)
+            if record:
+                for k, h, p in zip(keys, out, pre, strict=True):
+                    hit_codes.append(-1 if h is None else (0 if h is False else (2 if p else 1)))
+                    miss_bytes.append(int(kbytes[k]) if h is False else 0)
             row["bytes_read"] += policy.stats.bytes_read - b0
             counts = dict(zip(keys, stream.count[lo:hi].tolist(), strict=False))
             missing = [k for k, h in zip(keys, out, strict=False) if h is False]
@@ -128,7 +176,7 @@ def simulate(stream, policy, config: OffloadConfig, prefetcher=None, max_batches
                 if k in on_cpu:
                     waits.append(env.process(compute(cpu, config.costs.cpu(counts[k]))))
                     continue
-                ready = load(k, 0) if h is False else inflight.get(k)
+                ready = load(k, 0, fresh=True) if h is False else inflight.get(k)
                 gpu_busy += config.expert_s * counts[k]
                 waits.append(env.process(_expert(env, gpu, ready, config.expert_s * counts[k])))
             row["cpu_experts"] += len(on_cpu)
@@ -145,6 +193,11 @@ def simulate(stream, policy, config: OffloadConfig, prefetcher=None, max_batches
     df = pd.DataFrame(list(tok_rows.values()))
     if len(df):
         df["latency_s"] = df["end_s"] - df["start_s"]
+    if record:
+        cols = ("key", "bytes", "priority", "issued_s", "start_s", "end_s")
+        df.attrs["lookups"] = {"hit": np.asarray(hit_codes, np.int8),
+                               "miss_bytes": np.asarray(miss_bytes, np.int64)}
+        df.attrs["loads"] = {c: np.asarray([r[i] for r in loads]) for i, c in enumerate(cols)}
     return df
 
 

@@ -200,3 +200,86 @@ def io_for(device: str):
     if h.host_link_bw > 0:
         return LinkIO(h.host_link_bw, h.host_link_latency)
     return h.flash
+
+
+# ----- a disk shared by concurrent reads ------------------------------------------------------------
+@dataclass(frozen=True)
+class SharedDisk:
+    """One disk read by several I/O threads at once (seconds, bytes, bytes/s).
+
+    A read costs ``latency`` (its own, overlapping other reads) and then moves its bytes on the
+    disk. ``stream_bw`` is what one read reaches alone; ``total_bw`` what all concurrent reads
+    reach together. While ``n`` reads move bytes each gets ``min(stream_bw, total_bw / n)``
+    (fair sharing): ``total_bw = n * stream_bw`` is ``n`` independent channels, ``total_bw =
+    stream_bw`` one disk split evenly. A read's bytes are its payload plus ``header_bytes``,
+    rounded up to ``block`` (O_DIRECT reads whole blocks)."""
+
+    latency: float
+    stream_bw: float
+    total_bw: float
+    header_bytes: int = 0
+    block: int = 1
+
+    def __post_init__(self):
+        if self.latency < 0 or self.stream_bw <= 0 or self.total_bw <= 0 or self.block < 1:
+            raise StorageError("a shared disk needs latency >= 0, bandwidths > 0 and block >= 1")
+
+    def disk_bytes(self, payload: float) -> float:
+        return float(np.ceil((payload + self.header_bytes) / self.block) * self.block)
+
+    def solo_s(self, payload: float) -> float:
+        """Seconds of one read with the disk to itself."""
+        return self.latency + self.disk_bytes(payload) / self.stream_bw
+
+    def rate(self, active: int) -> float:
+        """Bytes/s each of ``active`` concurrent reads gets."""
+        return min(self.stream_bw, self.total_bw / max(int(active), 1))
+
+
+class FairShare:
+    """SimPy fluid model of a :class:`SharedDisk`: ``transfer(nbytes)`` returns an event that
+    fires when those bytes have moved, every active transfer progressing at ``disk.rate(n)``."""
+
+    def __init__(self, env, disk: SharedDisk):
+        self.env, self.disk = env, disk
+        self._active: list[list] = []  # [remaining bytes, event]
+        self._last = env.now
+        self._changed = env.event()
+        env.process(self._serve())
+
+    def transfer(self, nbytes: float):
+        done = self.env.event()
+        self._advance()
+        self._active.append([float(nbytes), done])
+        if not self._changed.triggered:
+            self._changed.succeed()
+        return done
+
+    def _advance(self) -> None:
+        dt = self.env.now - self._last
+        if dt > 0 and self._active:
+            moved = self.disk.rate(len(self._active)) * dt
+            for item in self._active:
+                item[0] -= moved
+        self._last = self.env.now
+
+    def _serve(self):
+        env = self.env
+        while True:
+            if not self._active:
+                self._changed = env.event()
+                yield self._changed
+                continue
+            rate = self.disk.rate(len(self._active))
+            next_done = max(min(item[0] for item in self._active) / rate, 0.0)
+            self._changed = env.event()
+            yield env.any_of([env.timeout(next_done), self._changed])
+            self._advance()
+            # a transfer is done when less than a nanosecond of its bytes is left
+            left = []
+            for item in self._active:
+                if item[0] <= rate * 1e-9:
+                    item[1].succeed()
+                else:
+                    left.append(item)
+            self._active = left

@@ -2,9 +2,9 @@
 
 From a run file (``moesim run-real``) and a hardware profile of the same machine
 (``moesim calibrate``, optionally extended with the executor's primitives by
-``moesim run-real calibrate``) this builds the simulator scenario -- the device model of
-``moesim.offload`` with the dense time, per-expert time and per-read time the profile predicts,
-the run's I/O threads as channels -- and replays the run's routing through a *fresh* instance
+``moesim calibrate-executor``) this builds the simulator scenario -- the device model of
+``moesim.offload`` with the dense time, per-expert time, per-layer overhead and per-read time
+the profile predicts, the run's I/O threads as channels sharing one disk -- and replays the run's routing through a *fresh* instance
 of the same cache policy (and prefetcher) with the same seed. Nothing measured in the run feeds
 the prediction; the run's timings are only compared against.
 
@@ -41,12 +41,23 @@ class Scenario:
     block_rounding: bool
     channels: int
     sources: dict
+    layer_overhead_s: float = 0.0
+    shared_bandwidth: float | None = None  # bytes/s of all I/O threads together (CPU disk)
 
     def load_s(self, payload_bytes: float) -> float:
         nbytes = payload_bytes + self.header_bytes
         if self.block_rounding:
             nbytes = math.ceil(nbytes / BLOCK) * BLOCK
         return self.read_latency_s + nbytes / self.read_bandwidth
+
+    def disk(self):
+        """The shared-bandwidth disk of a CPU run (None for CUDA copies)."""
+        from moesim.storage import SharedDisk
+
+        if self.shared_bandwidth is None:
+            return None
+        return SharedDisk(self.read_latency_s, self.read_bandwidth, self.shared_bandwidth,
+                          self.header_bytes, BLOCK if self.block_rounding else 1)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -85,6 +96,12 @@ def build_scenario(run, profile) -> Scenario:
         sources["dense_s"] = "roofline (router + shared experts)"
     else:
         sources["dense_s"] = "profile table moe_dense"
+    from moesim.executor.calibrate import overhead_shape
+
+    overhead = cost._table("executor_overhead", overhead_shape(spec), spec.dtype, 1)
+    sources["layer_overhead_s"] = ("profile table executor_overhead" if overhead is not None
+                                   else "none in the profile (0)")
+    shared = None
     if cuda:
         link = profile.links.get("host_to_device")
         if link is None:
@@ -97,9 +114,18 @@ def build_scenario(run, profile) -> Scenario:
         channels = int(settings.get("io_threads", 1))
         rounding = cap.get("cold_read") == "direct"
         header = int(cap.get("file_header_bytes", 0))
+        both = profile.links.get("expert_read_shared")
+        if channels == 1:
+            shared = float(link.bandwidth)
+        elif both is not None:
+            shared = float(both.bandwidth)
+            sources["shared_bandwidth"] = f"profile link {both.name}: {both.source}"
+        else:
+            shared = channels * float(link.bandwidth)
+            sources["shared_bandwidth"] = "no expert_read_shared link: threads independent"
     sources["read"] = f"profile link {link.name}: {link.source}"
     return Scenario(float(dense_s), expert_s, float(link.latency), float(link.bandwidth), header,
-                    rounding, channels, sources)
+                    rounding, channels, sources, float(overhead or 0.0), shared)
 
 
 def simulate_run(run, scenario: Scenario):
@@ -121,51 +147,85 @@ def simulate_run(run, scenario: Scenario):
     if s.get("prefetcher") not in (None, "", "none"):
         prefetcher = make_prefetcher(s["prefetcher"], seed=int(s.get("seed", 0)),
                                      **(s.get("prefetch_params") or {}))
-    codes: list[int] = []
-    key_bytes = stream.key_bytes
-    miss_bytes: list[int] = []
-    lookup = policy.lookup
-
-    def recording_lookup(keys, now, info=None, *, per_access=False):
-        pre = [policy.resident.get(k) == 1 for k in keys]
-        out = lookup(keys, now, info, per_access=per_access)
-        for k, hit, p in zip(keys, out, pre, strict=True):
-            codes.append(-1 if hit is None else (0 if hit is False else (2 if p else 1)))
-            miss_bytes.append(int(key_bytes[k]) if hit is False else 0)
-        return out
-
-    loads: list[float] = []
-
-    def counting_load_s(nbytes):  # called once per load the device model performs
-        loads.append(nbytes)
-        return scenario.load_s(nbytes)
-
-    policy.lookup = recording_lookup
     config = OffloadConfig(dense_s=scenario.dense_s, expert_s=scenario.expert_s,
-                           load_s=counting_load_s, channels=scenario.channels)
-    df = simulate(stream, policy, config, prefetcher)
+                           load_s=scenario.load_s, channels=scenario.channels,
+                           layer_overhead_s=scenario.layer_overhead_s, disk=scenario.disk())
+    df = simulate(stream, policy, config, prefetcher, record=True)
+    lookups, loads = df.attrs["lookups"], df.attrs["loads"]
     stats = policy.stats.to_dict()
-    stats["bytes_moved"] = int(sum(loads))
-    stats["loads"] = len(loads)
-    return df, np.asarray(codes, np.int8), np.asarray(miss_bytes, np.int64), stats
+    stats["bytes_moved"] = int(np.sum(loads["bytes"]))
+    stats["loads"] = len(loads["bytes"])
+    return df, lookups["hit"], lookups["miss_bytes"], stats
 
 
 def _pct(pred, meas) -> float:
     return float(100.0 * (pred - meas) / meas) if meas else float("nan")
 
 
-def compare(run, profile) -> dict:
-    """All figures of the validation as one dict (JSON-ready) plus per-token arrays."""
-    cap = run.meta.capture
-    scen = build_scenario(run, profile)
-    df, codes, sim_bytes, stats = simulate_run(run, scen)
+def _measured(run) -> dict:
     cols = ["residency", "read_bytes", "read_s", "t_dense_s", "t_expert_s", "t_wait_s",
             "t_layer_s", "t_step_s"]
     rows = {c: [] for c in cols}
     for b in run.iter_batches(columns=cols):
         for c in cols:
             rows[c].append(b.extras[c])
-    cat = {c: np.concatenate(v) for c, v in rows.items()}
+    return {c: np.concatenate(v) for c, v in rows.items()}
+
+
+def _overhead(cat, L):
+    """Per token and layer: the wall time besides dense part, expert compute and read waits."""
+    return (cat["t_step_s"].reshape(-1, L)[:, 0] - cat["t_dense_s"].reshape(-1, L).sum(1)
+            - cat["t_expert_s"].reshape(-1, L).sum(1) - cat["t_wait_s"].reshape(-1, L).sum(1)) / L
+
+
+def warmup_scenario(run, scen: Scenario, cat: dict, warmup: int) -> Scenario:
+    """The scenario recalibrated on the run's warm-up tokens (excluded from the figures): the
+    dense part, per-expert compute and per-layer overhead are their medians over those tokens,
+    and the read bandwidths are scaled so that the simulated warm-up reads match the measured
+    ones in median (the profile's per-read latency and shared/single ratio are kept)."""
+    L = run.meta.num_layers
+    rows = warmup * L
+    res = cat["residency"][:rows]
+    n_exp = np.maximum((res >= 0).sum(axis=1), 1)
+    new = replace(scen, dense_s=float(np.median(cat["t_dense_s"][:rows])),
+                  expert_s=float(np.median(cat["t_expert_s"][:rows] / n_exp)),
+                  layer_overhead_s=max(float(np.median(_overhead(cat, L)[:warmup])), 0.0))
+    meas = cat["read_s"][:rows]
+    meas = meas[np.isfinite(meas)]
+    if len(meas):
+        df = simulate_run(run, new)[0]
+        loads = df.attrs["loads"]
+        end = float(df.sort_values("token")["end_s"].to_numpy()[warmup - 1])
+        mine = (loads["priority"] == 0) & (loads["issued_s"] < end)
+        sim = (loads["end_s"] - loads["start_s"])[mine]
+        lat = min(scen.read_latency_s, 0.5 * float(np.median(meas)))
+        if len(sim) and np.median(sim) > lat:
+            k = (float(np.median(sim)) - lat) / (float(np.median(meas)) - lat)
+            new = replace(new, read_latency_s=lat, read_bandwidth=scen.read_bandwidth * k,
+                          shared_bandwidth=(scen.shared_bandwidth * k if scen.shared_bandwidth
+                                            else None))
+    src = f"warm-up tokens 0..{warmup - 1} of the run (excluded from the figures)"
+    new.sources = {**scen.sources, "dense_s": src, "expert_s": src, "layer_overhead_s": src,
+                   "read": f"{scen.sources['read']}; bandwidth scaled to the {src}"}
+    return new
+
+
+def compare(run, profile, warmup_calibration: bool = True) -> dict:
+    """All figures of the validation as one dict (JSON-ready) plus per-token arrays.
+
+    A run with ``warmup_tokens`` W > 0 (``moesim run-real --warmup-tokens``) is simulated
+    whole (cache state carries over) but its figures cover tokens W.. only; with
+    ``warmup_calibration`` the scenario's times are recalibrated on the warm-up tokens."""
+    cap = run.meta.capture
+    scen = build_scenario(run, profile)
+    cat = _measured(run)
+    L = run.meta.num_layers
+    W = int(cap["settings"].get("warmup_tokens", 0) or 0)
+    if W >= len(cat["t_step_s"]) // L:
+        raise ValidationError(f"the run has no tokens after its {W} warm-up tokens")
+    if W and warmup_calibration:
+        scen = warmup_scenario(run, scen, cat, W)
+    df, codes, sim_bytes, stats = simulate_run(run, scen)
     meas_codes = cat["residency"].reshape(-1).astype(np.int8)
     meas_bytes = cat["read_bytes"].reshape(-1).astype(np.int64)
     transfers = cap.get("transfers") or {}
@@ -173,11 +233,14 @@ def compare(run, profile) -> dict:
     # bytes the device model loaded (a load in flight serves every request of its key, in the
     # simulator as in the executor), against the bytes the executor's reads returned
     sim_moved = stats["bytes_moved"]
-    L = run.meta.num_layers
     step = cat["t_step_s"].reshape(-1, L)[:, 0]
     sim_lat = df.sort_values("token")["latency_s"].to_numpy()
     if len(sim_lat) != len(step):
         raise ValidationError(f"the simulator produced {len(sim_lat)} tokens, the run {len(step)}")
+    rest = _overhead(cat, L)[W:]
+    # the figures below cover the measured tokens only (the warm-up is excluded)
+    step, sim_lat = step[W:], sim_lat[W:]
+    cat = {c: v[W * L:] for c, v in cat.items()}
     err = (sim_lat - step) / step
     dense = cat["t_dense_s"].reshape(-1, L)
     n_exp = (cat["residency"] >= 0).sum(axis=1).reshape(-1, L)
@@ -187,6 +250,11 @@ def compare(run, profile) -> dict:
     rb = cat["read_bytes"].reshape(-1)
     rb = rb[rb > 0]
     pred_reads = np.array([scen.load_s(x) for x in rb]) if len(rb) else np.zeros(0)
+    loads = df.attrs["loads"]
+    t_first = float(df.sort_values("token")["start_s"].to_numpy()[W])
+    sim_reads = (loads["end_s"] - loads["start_s"])[
+        (loads["priority"] == 0) & (loads["issued_s"] >= t_first)] if len(loads["bytes"]) \
+        else np.zeros(0)
     layers = []
     for layer in range(L):
         md, me = float(np.median(dense[:, layer])), float(np.median(per_expert[:, layer]))
@@ -199,6 +267,8 @@ def compare(run, profile) -> dict:
     result = {
         "run": str(run.path) if run.path else None,
         "tokens": int(len(step)),
+        "warmup_tokens": W,
+        "warmup_calibration": bool(W and warmup_calibration),
         "layers": L,
         "policy": cap["settings"]["policy"],
         "prefetcher": cap["settings"].get("prefetcher", "none"),
@@ -215,8 +285,10 @@ def compare(run, profile) -> dict:
         "bytes_simulated": sim_moved,
         "transfers_measured": len(transfers.get("key", [])),
         "transfers_simulated": stats["loads"],
-        "hit_rate": float(np.mean(meas_codes[meas_codes >= 0] > 0)),
+        "hit_rate": float(np.mean(cat["residency"][cat["residency"] >= 0] > 0)),
         "latency_mape": float(100.0 * np.mean(np.abs(err))),
+        "abs_error_p50_pct": float(100.0 * np.median(np.abs(err))),
+        "abs_error_p90_pct": float(100.0 * np.percentile(np.abs(err), 90)),
         "latency_bias_pct": float(100.0 * (sim_lat.sum() - step.sum()) / step.sum()),
         "p50_measured_s": float(p50m), "p50_simulated_s": float(p50s),
         "p50_error": _pct(p50s, p50m),
@@ -228,8 +300,11 @@ def compare(run, profile) -> dict:
         "expert_error_pct": _pct(scen.expert_s, float(np.median(per_expert))),
         "read_measured_s": float(np.median(reads)) if len(reads) else None,
         "read_predicted_s": float(np.median(pred_reads)) if len(pred_reads) else None,
-        "read_error_pct": (_pct(float(np.median(pred_reads)), float(np.median(reads)))
-                           if len(reads) else None),
+        "read_simulated_s": float(np.median(sim_reads)) if len(sim_reads) else None,
+        "read_error_pct": (_pct(float(np.median(sim_reads)), float(np.median(reads)))
+                           if len(reads) and len(sim_reads) else None),
+        "overhead_measured_s": float(np.median(rest)),
+        "overhead_predicted_s": scen.layer_overhead_s,
         "per_layer": layers,
         "scenario": scen.to_dict(),
         "machine": cap.get("machine", {}),
@@ -237,14 +312,15 @@ def compare(run, profile) -> dict:
     return result, {"measured": step, "simulated": sim_lat}
 
 
-def validate(run_path, profile_path, report: str | Path | None = None) -> dict:
+def validate(run_path, profile_path, report: str | Path | None = None,
+             warmup_calibration: bool = True) -> dict:
     """Validate one run file; write ``report``.md and .html when given; return the figures."""
     from moesim.calibrate import load_profile
     from moesim.executor.runfile import read_run
 
     run = read_run(run_path)
     profile = load_profile(profile_path)
-    result, series = compare(run, profile)
+    result, series = compare(run, profile, warmup_calibration)
     result["profile"] = str(profile_path)
     if report is not None:
         base = Path(report)
@@ -280,8 +356,10 @@ def markdown(r: dict) -> str:
         f"| {r['p99_error']:+.2f} % |",
     ]
     if r["read_measured_s"] is not None:
-        lines.append(f"| expert read (median) | {r['read_measured_s'] * ms:.2f} ms | "
-                     f"{r['read_predicted_s'] * ms:.2f} ms | {r['read_error_pct']:+.2f} % |")
+        lines.append(f"| expert read (median, in the run) | {r['read_measured_s'] * ms:.2f} ms | "
+                     f"{r['read_simulated_s'] * ms:.2f} ms | {r['read_error_pct']:+.2f} % |")
+    lines.append(f"| per-layer overhead (median) | {r['overhead_measured_s'] * ms:.3f} ms | "
+                 f"{r['overhead_predicted_s'] * ms:.3f} ms | |")
     lines += ["", "## Per layer (medians over tokens)", "",
               "| layer | dense measured | dense predicted | error | expert measured | "
               "expert predicted | error |", "|---|---|---|---|---|---|---|"]

@@ -62,3 +62,38 @@ def test_phone_io_and_wall_time_within_ten_percent(phone_trace_dir):
     assert out["mape_io_ms_held_out"] <= 10.0
     assert out["mape_wall_ms_held_out_recorded_compute"] <= 10.0
     assert 0.3e9 < out["model"]["thread_bw"] * 4 < 5.8e9  # within UFS 4.0's line rate
+
+
+def test_shared_disk_fair_share_closed_forms():
+    import simpy
+
+    from moesim.storage import FairShare, SharedDisk
+
+    def finish(disk, starts):
+        env = simpy.Environment()
+        share = FairShare(env, disk)
+        ends = {}
+
+        def one(i, at, nbytes):
+            yield env.timeout(at)
+            yield share.transfer(nbytes)
+            ends[i] = env.now
+
+        for i, (at, nbytes) in enumerate(starts):
+            env.process(one(i, at, nbytes))
+        env.run()
+        return [ends[i] for i in range(len(starts))]
+
+    one_disk = SharedDisk(latency=0.0, stream_bw=100.0, total_bw=100.0)
+    two_channels = SharedDisk(latency=0.0, stream_bw=100.0, total_bw=200.0)
+    assert finish(one_disk, [(0, 100), (0, 100)]) == pytest.approx([2.0, 2.0])
+    assert finish(two_channels, [(0, 100), (0, 100)]) == pytest.approx([1.0, 1.0])
+    # A alone for 0.5 s (50 B), then both at 50 B/s: A's last 50 B end at 1.5 s; B has 50 B
+    # left then and moves it alone at 100 B/s: 2.0 s
+    assert finish(one_disk, [(0, 100), (0.5, 100)]) == pytest.approx([1.5, 2.0])
+    partly = SharedDisk(latency=0.0, stream_bw=100.0, total_bw=150.0)  # 75 B/s each when two
+    assert finish(partly, [(0, 150), (0, 150)]) == pytest.approx([2.0, 2.0])
+    d = SharedDisk(1e-3, 1e9, 1.5e9, header_bytes=100, block=4096)
+    assert d.disk_bytes(5000) == 8192 and d.solo_s(5000) == pytest.approx(1e-3 + 8192 / 1e9)
+    with pytest.raises(MoesimError):
+        SharedDisk(0.0, 0.0, 1.0)

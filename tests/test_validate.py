@@ -111,3 +111,33 @@ def test_cli_run_real_writes_a_run(tmp_path, capsys):
     assert fig["tokens"] == 6 and 0 <= fig["hit_rate"] <= 1 and out.exists()
     assert main(["run-real", "--out", str(out), "--override", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_profile_has_loop_rows_and_shared_disk(tmp_path, profile):
+    data = yaml.safe_load(profile.read_text())
+    ops = {r["operation"] for r in data["tables"]}
+    assert {"expert_ffn", "moe_dense", "executor_overhead"} <= ops
+    links = data["links"]
+    # two threads at once never beat two independent threads nor fall below one thread
+    assert links["expert_read"]["bandwidth"] <= links["expert_read_shared"]["bandwidth"] \
+        <= 2 * links["expert_read"]["bandwidth"] * (1 + 1e-9)
+    r = validate(record(tmp_path, policy="lru", capacity_experts=5, io_threads=2), profile)
+    assert r["scenario"]["sources"]["layer_overhead_s"] == "profile table executor_overhead"
+    assert "expert-read-shared" in r["scenario"]["sources"]["shared_bandwidth"]
+    assert r["scenario"]["shared_bandwidth"] == pytest.approx(
+        links["expert_read_shared"]["bandwidth"])
+
+
+def test_warmup_tokens_are_calibrated_on_and_excluded(tmp_path, profile):
+    path = record(tmp_path, tokens=16, policy="lru", capacity_experts=5, warmup_tokens=6)
+    r = validate(path, profile)
+    assert r["tokens"] == 10 and r["warmup_tokens"] == 6 and r["warmup_calibration"]
+    assert r["hits_exact"] and r["bytes_exact"]  # the whole run is replayed and checked
+    assert "warm-up tokens 0..5" in r["scenario"]["sources"]["dense_s"]
+    only = validate(path, profile, warmup_calibration=False)
+    assert only["tokens"] == 10 and not only["warmup_calibration"]
+    assert only["scenario"]["sources"]["dense_s"] == "profile table moe_dense"
+    from moesim.executor.runfile import read_run
+
+    a = read_run(path).to_arrays(columns=["t_dense_s"])
+    assert r["scenario"]["dense_s"] == pytest.approx(float(np.median(a["t_dense_s"][:6])))

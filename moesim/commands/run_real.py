@@ -47,6 +47,10 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option(None, "--format", help="Import format of --trace."),
         tokens: int = typer.Option(32, "--tokens", help="Tokens to run."),
         first_token: int = typer.Option(0, "--first-token"),
+        warmup_tokens: int = typer.Option(0, "--warmup-tokens", help="Run this many tokens "
+                                          "of the routing first as a warm-up phase, which "
+                                          "'moesim validate' calibrates on and excludes from "
+                                          "its figures (the run has warm-up + --tokens)."),
         first_layer: int = typer.Option(0, "--first-layer", help="First trace layer used."),
         policy: str = typer.Option("lru", "--policy", help="Cache policy (moesim cache policies)."),
         param: list[str] = typer.Option(None, "--param", help="Policy parameter NAME=VALUE."),
@@ -79,7 +83,7 @@ def register(app: typer.Typer) -> None:
                                scope=scope, prefetcher=prefetcher,
                                prefetch_params=_params(prefetch_param), io_threads=io_threads,
                                compute_threads=compute_threads, device=device, cold=cold,
-                               seed=seed)
+                               seed=seed, warmup_tokens=warmup_tokens)
         try:
             preset = get_model(model, **_params(override))
         except TypeError as exc:
@@ -89,18 +93,21 @@ def register(app: typer.Typer) -> None:
         routing = None
         if trace is not None:
             src = _load_trace(trace, fmt)
-            routing = routing_slice(src, layers, tokens, first_layer, first_token)
+            routing = routing_slice(src, layers, warmup_tokens + tokens, first_layer,
+                                    first_token)
             spec = StackSpec.for_model(preset, layers, max(preset.num_experts,
                                                            routing.meta.num_experts),
                                        routing.meta.top_k, seed=seed)
         else:
             spec = StackSpec.for_model(preset, layers, seed=seed)
-        run = capture(spec, settings, store, trace=routing, tokens=tokens)
+        run = capture(spec, settings, store, trace=routing,
+                      tokens=None if routing is not None else warmup_tokens + tokens)
         run.write(out)
         a = run.to_arrays(columns=["t_step_s", "residency"])
-        step = a["t_step_s"][:, 0]
-        res = a["residency"]
-        emit({"out": str(out), "tokens": int(len(step)), "layers": layers,
+        step = a["t_step_s"][warmup_tokens:, 0]
+        res = a["residency"][warmup_tokens:]
+        emit({"out": str(out), "tokens": int(len(step)), "warmup_tokens": warmup_tokens,
+              "layers": layers,
               "hit_rate": float(np.mean(res[res >= 0] > 0)),
               "bytes_read": int(sum(run.meta.capture["transfers"]["payload_bytes"])),
               "latency_ms_mean": float(step.mean() * 1e3),

@@ -16,6 +16,10 @@ def register(app: typer.Typer) -> None:
         hardware: Path = typer.Option(None, "--hardware", help="Profile of the run's machine "
                                       "(default: hardware.yaml beside the run file)."),
         report: Path = typer.Option(None, "--report", help="Write REPORT.md and REPORT.html."),
+        warmup_calibration: bool = typer.Option(
+            True, "--warmup-calibration/--profile-only", help="For a run with warm-up tokens: "
+            "recalibrate compute and read speed on them (default), or predict from the "
+            "profile alone. Either way the warm-up tokens are excluded from the figures."),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Bytes and hit/miss sequence (exact), per-token latency MAPE, P50/P99 and per-layer
@@ -27,7 +31,7 @@ def register(app: typer.Typer) -> None:
         if not profile.exists():
             raise MoesimError(f"{profile}: no hardware profile; give --hardware (from 'moesim "
                               "calibrate' on the machine of the run)")
-        result = run_validation(run, profile, report)
+        result = run_validation(run, profile, report, warmup_calibration)
 
         def render(r):
             typer.echo(f"{r['run']}: {r['tokens']} tokens, policy {r['policy']}, "

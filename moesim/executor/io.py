@@ -50,11 +50,12 @@ class IOPool:
         for w in self._workers:
             w.start()
 
-    def submit(self, key: int, priority: int) -> Transfer:
-        """Queue a read of ``key`` unless one is already in flight; return its transfer."""
+    def submit(self, key: int, priority: int, fresh: bool = False) -> Transfer:
+        """Queue a read of ``key`` unless one is already in flight (and not ``fresh``: a miss
+        on a key evicted while its prefetch was in flight reads it again); return it."""
         with self._lock:
             tr = self.inflight.get(key)
-            if tr is not None:
+            if tr is not None and not fresh:
                 return tr
             tr = Transfer(int(key), int(priority), self._clock())
             self.inflight[key] = tr
@@ -77,7 +78,8 @@ class IOPool:
                 tr.error = exc
             tr.end_s = self._clock()
             with self._lock:
-                self.inflight.pop(tr.key, None)
+                if self.inflight.get(tr.key) is tr:
+                    del self.inflight[tr.key]
             tr.done.set()
 
     def close(self) -> None:

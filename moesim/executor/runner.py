@@ -41,8 +41,11 @@ class RunSettings:
     device: str = "cpu"
     cold: str = "direct"
     seed: int = 0
+    warmup_tokens: int = 0  # the run's first tokens: a calibration phase validate excludes
 
     def __post_init__(self):
+        if self.warmup_tokens < 0:
+            raise ExecutorError("--warmup-tokens must be at least 0")
         if self.io_threads < 1:
             raise ExecutorError("--io-threads must be at least 1")
         if self.device not in ("cpu", "cuda"):
@@ -170,7 +173,7 @@ def run(spec: StackSpec, store: ExpertStore, settings: RunSettings, *, trace=Non
                         if prefetcher is not None:
                             want = prefetcher.predict(b + 1) if b + 1 < stream.num_batches else []
                             for k in policy.prefetch(want, b, protect=keys):
-                                loading[k] = pool.submit(k, 1)
+                                _issue(pool, loading, k, 1)
                                 rec.prefetch_bytes[t, layer] += spec.expert_payload_bytes()
                     h, ids, w, out = dense[layer].forward(x)
                     if stream is not None:
@@ -271,6 +274,7 @@ def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, 
     compute = 0.0
     wait = 0.0
     waiting = []
+    # every demand read is queued before any compute, as the simulator issues its loads
     for slot, (k, hit) in enumerate(zip(keys, hits, strict=True)):
         if hit is None:
             rec.residency[t, layer, slot] = -1
@@ -281,7 +285,10 @@ def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, 
             old = ram.pop(k, None)
             if old is not None:
                 store.release(old)
-            loading[k] = pool.submit(k, 0)
+            _issue(pool, loading, k, 0)
+    for slot, (k, hit) in enumerate(zip(keys, hits, strict=True)):
+        if hit is None:
+            continue
         if k in ram:
             c0 = clock()
             out += float(w_row[slot]) * swiglu(h, *_mats(ram[k].tensors))
@@ -304,6 +311,15 @@ def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, 
         out += float(w_row[slot]) * swiglu(h, *_mats(ram[k].tensors))
         compute += clock() - c0
     return compute, wait
+
+
+def _issue(pool, loading, key, priority) -> None:
+    """Read an admitted key. Every admission is a read of its own, as in the simulator: a read
+    still in flight for the key (an evicted prefetch) is kept aside and freed when it lands."""
+    stale = loading.pop(key, None)
+    if stale is not None:
+        loading[(key, id(stale))] = stale
+    loading[key] = pool.submit(key, priority, fresh=True)
 
 
 def _first_done(waiting) -> int:
