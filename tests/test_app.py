@@ -17,6 +17,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from moesim.model import get_model  # noqa: E402
 from moesim.traces import Trace  # noqa: E402
 from moesim.traces.synth import synthesize  # noqa: E402
+from tests.app_helpers import cpu_run, small_trace, sweep_table  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 TIMEOUT = 120
@@ -31,9 +32,7 @@ def clear_caches():
 @pytest.fixture(scope="module")
 def trace_file(tmp_path_factory) -> Path:
     """A small Mixtral-shaped trace: 384 tokens, 8 requests, 32 layers x 8 experts, top-2."""
-    path = tmp_path_factory.mktemp("app") / "mixtral-small.parquet"
-    synthesize(get_model("mixtral-8x7b"), 384, requests=8, seed=5, skew=1.0, out=path)
-    return path
+    return small_trace(tmp_path_factory.mktemp("app"))
 
 
 def new_app() -> AppTest:
@@ -166,8 +165,7 @@ def test_cache_comparison_has_belady_as_the_ceiling(trace_file):
 def test_offload_latency_breakdown(trace_file):
     at = with_trace(trace_file)
     at.switch_page("app_pages/cache.py").run()
-    at.button(key="lat_run").click().run()  # no model preset chosen (the trace's is preselected)
-    assert not errors(at)
+    assert at.selectbox(key="lat_model").value == "mixtral-8x7b"  # the trace's model, preselected
     at.selectbox(key="lat_model").set_value("")
     at.button(key="lat_run").click().run()
     assert "choose a model preset" in errors(at)[0]
@@ -263,7 +261,7 @@ def test_simulation_can_replay_the_current_trace(trace_file):
     at.selectbox(key="sim_routing").set_value("current trace (mixtral-small)")
     at.button(key="sim_run").click().run()
     assert not at.exception and not errors(at)
-    assert "routing trace;" in at.caption[0].value  # default scenario routing is synthetic
+    assert "mixtral-small.parquet;" in at.caption[0].value  # not the scenario's synthetic routing
     assert at.caption[-1].value == "8 of 8 requests finished."
 
 
@@ -308,23 +306,7 @@ def test_validation_page_without_inputs_and_with_missing_files(tmp_path):
 def test_validation_page_compares_a_real_cpu_run(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("safetensors")
-    import yaml
-
-    from moesim.calibrate import measure_machine
-    from moesim.executor import RunSettings, StackSpec, capture
-    from moesim.executor.calibrate import extend_profile
-
-    model = get_model("deepseek-v2-lite", hidden=64, moe_intermediate=32, shared_intermediate=16)
-    spec = StackSpec(model, 2, 8, 2, "fp32", 0)
-    profile = tmp_path / "hardware.yaml"
-    profile.write_text(yaml.safe_dump(measure_machine(str(tmp_path), quick=True)))
-    extend_profile(profile, [spec], threads=2, disk_dir=str(tmp_path), sizes_mib=(0.25, 0.5, 1))
-    rng = np.random.default_rng(3)
-    experts = np.stack([[rng.choice(8, 2, replace=False) for _ in range(2)] for _ in range(12)])
-    routing = Trace.from_arrays(experts, rng.random((12, 2, 2)).astype(np.float32), [6, 6], "prefill",
-                                num_experts=8, model="deepseek-v2-lite")
-    run = capture(spec, RunSettings(policy="lru", capacity_experts=5), tmp_path / "store", trace=routing)
-    run_path = run.write(tmp_path / "run.parquet")
+    run_path = cpu_run(tmp_path)
 
     at = new_app()
     at.switch_page("app_pages/validation.py").run()
@@ -340,22 +322,13 @@ def test_validation_page_compares_a_real_cpu_run(tmp_path):
 
 # ----- Sweeps -----------------------------------------------------------------------------------------------
 def test_sweeps_page_shows_the_table_and_the_pareto_front(tmp_path):
-    from moesim.sweep import run_sweep, sweep_from_dict
-
-    scenario = {"model": "mixtral-8x7b", "cluster": {"preset": "h100-ib", "num_nodes": 1},
-                "parallelism": {"ep": 8}, "routing": {"source": "uniform"},
-                "workload": {"arrival": "poisson", "rate_per_s": 20, "num_requests": 8,
-                             "prompt_tokens": 64, "output_tokens": 8}}
-    sweep = sweep_from_dict({"scenario": scenario, "parameters": {
-        "workload.rate_per_s": [5, 40, 320], "serving.max_running": [1, 8]}})
-    out = tmp_path / "results.parquet"
-    run_sweep(sweep, out, n_jobs=1)
+    out = sweep_table(tmp_path)
     at = new_app()
     at.switch_page("app_pages/sweeps.py").run()
     at.text_input(key="sw_path").input(str(out)).run()
     assert not at.exception and not errors(at)
     table = at.dataframe[0].value
-    assert len(table) == 6
+    assert len(table) == 9
     at.selectbox(key="sw_x").set_value("ttft_mean_s").run()
     at.selectbox(key="sw_y").set_value("throughput_tok_s").run()
     front = at.dataframe[1].value

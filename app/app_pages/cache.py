@@ -173,7 +173,15 @@ model_default = meta.model if meta.model in presets() else ""
 lat_model = d4.selectbox("Model preset (expert sizes, compute)", ["", *presets()],
                          index=(["", *presets()]).index(model_default), key="lat_model")
 max_tokens = d5.number_input("Tokens to run", 1, 100_000, 128, key="lat_tokens")
-source = st.radio("Experts load from", ["flash", "dram"], horizontal=True, key="lat_tier")
+def host_memory_default(device: str) -> int:
+    from moesim.storage import get_storage
+
+    return 1 if get_storage(device).host_link_bw > 0 else 0  # a discrete GPU reads host DRAM
+
+
+source = st.radio("Experts load from", ["flash", "dram"], index=host_memory_default(device), horizontal=True,
+                  key="lat_tier", help="flash: read from storage (then over PCIe on a discrete GPU); "
+                                       "dram: copied from host memory over PCIe.")
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -202,8 +210,8 @@ def token_latency(path: str, fp: tuple, policy: str, capacity: int, device: str,
                            load_s=lambda b: storage.load_time(b, tier), channels=storage.flash.threads)
     df = simulate(stream, pol, config, max_batches=tokens * stream.num_layers)
     per_miss = df.bytes_read / df.misses.where(df.misses > 0)
-    df["transfer_s"] = (df.misses * per_miss.fillna(0).map(lambda b: storage.load_time(b, tier) if b else 0.0)
-                        / storage.flash.threads)
+    # summed I/O time of the token's expert loads (channels may run several at once)
+    df["transfer_s"] = df.misses * per_miss.fillna(0).map(lambda b: storage.load_time(b, tier) if b else 0.0)
     df["compute_s"] = df.latency_s - df.stall_s
     return df, {"dense_s": dense_s, "expert_s": expert_s, "hit_rate": pol.stats.to_dict()["hit_rate"]}
 
@@ -230,10 +238,11 @@ if lat is not None and lat[0] == name:
     k3.metric("hit rate", f"{info['hit_rate']:.3f}")
     k4.metric("bytes read", f"{df.bytes_read.sum() / 2**30:.2f} GiB")
     st.plotly_chart(charts.stacked(ms, "token", {"compute_s": "compute", "stall_s": "stall (waiting for experts)"},
-                                   "Per-token latency: compute + stall; the line is the I/O time of the "
-                                   "token's expert loads (overlaps compute)", "token", "ms",
+                                   "Per-token latency: compute + stall; the line is the summed I/O time of "
+                                   "the token's expert loads", "token", "ms",
                                    line=("transfer_s", "transfer (I/O)")), key="latency_chart")
     st.caption(f"per layer: non-expert compute {info['dense_s'] * 1e3:.3f} ms (router, shared experts, "
                f"attention at 512 tokens of context), one expert for one token "
                f"{info['expert_s'] * 1e3:.3f} ms; transfer = summed load time of the token's "
-               "misses divided by the I/O channels.")
+               "misses (the device has several I/O channels, and loads overlap compute, so stall "
+               "can be less).")

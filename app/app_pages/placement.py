@@ -81,7 +81,8 @@ if st.button("Solve", key="pl_run", type="primary"):
             row = {"planner": solver, "status": plan.status, "solve_s": plan.solve_s,
                    "max/mean load": fig["max_mean_load"], "worst layer": fig["max_mean_load_worst_layer"],
                    "balancedness": fig["balancedness"], "GPUs per token": fig["dest_gpus_per_token"],
-                   "nodes per token": fig["dest_nodes_per_token"], "largest gap": fig["gap"]}
+                   "nodes per token": fig["dest_nodes_per_token"],
+                   "same-GPU duplicates": fig["same_gpu_duplicates"], "largest gap": fig["gap"]}
             for other in shift:
                 row[f"max/mean on {other}"] = figures(plan, trace_of(loaded_traces()[other]))["max_mean_load"]
             rows.append(row)
@@ -97,6 +98,10 @@ if result is None or result[0] != name:
 _, plans, table = result
 st.subheader("Plans compared")
 st.dataframe(table.round(4), hide_index=True, key="pl_table")
+if (table["same-GPU duplicates"] > 0).any():
+    st.caption("Same-GPU duplicates: several replicas of one expert on one GPU (they split its tokens "
+               "unevenly between GPUs). The ILP forbids them (moesim place --allow-duplicates allows "
+               "them), so a planner that uses them can reach a lower max/mean load than the ILP.")
 
 best = table.sort_values("max/mean load").planner.iloc[0]
 chosen = st.selectbox("Plan to inspect", list(plans), index=list(plans).index(best), key="pl_chosen")

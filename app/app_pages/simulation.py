@@ -118,7 +118,8 @@ if res is None:
 s = res.summary
 st.subheader(f"Results: {s['scenario']}")
 st.caption(f"{s['model']} on {s['cluster']} ({s['gpus']} GPUs), placement {s['placement']}, "
-           f"dispatcher {s['dispatcher']}, overlap {s['overlap']}, routing {s['routing']}; "
+           f"dispatcher {s['dispatcher']}, overlap {s['overlap']}, routing {s['routing']} from "
+           f"{res.routing_report.get('source', '-')}; "
            f"invariants checked: {', '.join(k for k, v in res.invariants.items() if v)}")
 k1, k2, k3, k4, k5 = st.columns(5)
 k1.metric("TTFT mean", f"{s['ttft_mean_s'] * 1e3:.1f} ms", help=f"p99 {s['ttft_p99_s'] * 1e3:.1f} ms")

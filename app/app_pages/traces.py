@@ -165,13 +165,13 @@ if stats is None:
 
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("tokens", f"{stats.tokens:,}")
-m2.metric("load imbalance (max/mean), mean over layers", f"{stats.imbalance_mean:.2f}"
-          if stats.imbalance_mean is not None else "-")
+m2.metric("load imbalance", f"{stats.imbalance_mean:.2f}" if stats.imbalance_mean is not None else "-",
+          help="max/mean expert load of a layer, averaged over layers (1 = perfectly even)")
 m3.metric("routing entropy (bits)", f"{stats.entropy_mean:.2f}" if stats.entropy_mean is not None else "-",
           help=f"of {np.log2(stats.experts):.2f} possible")
 ws = stats.working_set.get(int(window))
-m4.metric(f"working set per {int(window)} tokens (experts per layer)",
-          f"{ws.mean() / stats.layers:.1f}" if ws is not None and len(ws) else "-")
+m4.metric("working set", f"{ws.mean() / stats.layers:.1f}" if ws is not None and len(ws) else "-",
+          help=f"distinct experts per layer used in windows of {int(window)} tokens (mean)")
 for note in stats.notes:
     st.caption(f"note: {note}")
 

@@ -91,6 +91,10 @@ layers = {f"{what} {kind}": per_layer[f"{what}_{kind}_s"] * 1e3
           for what in ("dense", "expert") for kind in ("measured", "predicted")}
 st.plotly_chart(charts.bars(layers, "Per layer: medians over tokens (dense part; one expert for one token)",
                             "layer", "ms", x=per_layer.layer), key="val_layers")
-st.dataframe(per_layer.round(6), hide_index=True, key="val_layer_table")
+table = per_layer.copy()
+for col in [c for c in table.columns if c.endswith("_s")]:
+    table[col] = table[col] * 1e3
+st.dataframe(table.rename(columns=lambda c: c.replace("_s", " (ms)").replace("_pct", " (%)")).round(4),
+             hide_index=True, key="val_layer_table")
 with st.expander("Simulator inputs built from the profile"):
     st.json(r["scenario"])

@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         main = Path(moesim.app.__file__).parent / "main.py"
         cmd = [sys.executable, "-m", "streamlit", "run", str(main), "--server.port", str(port),
                "--server.address", address, "--browser.gatherUsageStats", "false",
+               "--client.toolbarMode", "minimal",
                "--server.headless", "true" if headless else "false"]
         typer.echo(f"moesim dashboard on http://{address}:{port} (Ctrl-C to stop)")
         raise typer.Exit(subprocess.call(cmd))
