@@ -94,6 +94,16 @@ class Placement:
         # first replica's GPU per expert: the whole answer for single-replica experts
         object.__setattr__(self, "_primary", self.rep_gpu[order[start[:-1]]].astype(np.int32))
         object.__setattr__(self, "_multi", present[: self.num_experts] > 1)
+        # replica table [E, W] (row e: GPUs of e's replicas in slot order, padded with the
+        # first) so that choosing a replica is one gather per (token, expert) pair
+        count = present[: self.num_experts].astype(np.int64)
+        width = int(count.max(initial=1))
+        j = np.minimum(np.arange(width)[None, :], count[:, None] - 1)
+        table = self.rep_gpu[order[start[: self.num_experts, None] + j]].astype(np.int32)
+        object.__setattr__(self, "_table", table.ravel())
+        object.__setattr__(self, "_width", width)
+        object.__setattr__(self, "_count", count)
+        object.__setattr__(self, "_nearest", {})  # gpus_per_node -> [G, E] chosen GPU
 
     # ----- constructors --------------------------------------------------------------------
     @classmethod
@@ -160,32 +170,39 @@ class Placement:
 
     def choose(self, src_gpu: np.ndarray, experts: np.ndarray, gpus_per_node: int,
                token_index: np.ndarray | None = None) -> np.ndarray:
-        """GPU serving each (token, expert) pair; arrays of equal shape, experts >= 0."""
-        dst = self._primary[experts]  # single-replica experts: done
+        """GPU (int32) serving each (token, expert) pair; arrays of equal shape, experts >= 0."""
         if not self._multi.any():
-            return dst
-        multi = self._multi[experts]
-        if not multi.any():
-            return dst
-        sel = experts[multi]
-        c, f = self.replica_counts[sel], self._start[sel]
+            return self._primary[experts]  # one replica per expert: a gather
+        if self.selection == "nearest":  # depends on (source GPU, expert) only: a table
+            near = self._nearest.get(gpus_per_node)
+            if near is None:
+                near = self._nearest_table(gpus_per_node)
+                self._nearest[gpus_per_node] = near
+            return near.ravel()[np.asarray(src_gpu, dtype=np.intp) * self.num_experts
+                                + experts]
         if self.selection == "random":
+            # one 32-bit draw r per pair; replica floor(r x count / 2^32) (multiply-shift,
+            # bias below count / 2^32)
             rng = np.random.default_rng(self.seed)
-            pick = (rng.random(c.shape) * c).astype(np.int64)
-        elif self.selection == "round-robin":
-            idx = token_index[multi] if token_index is not None else np.arange(len(c))
-            pick = idx % c
-        else:  # nearest: same GPU (0), same node (1), elsewhere (2); first in slot order on ties
-            width = int(c.max())
-            cand = np.minimum(f[:, None] + np.arange(width), len(self._order) - 1)
-            cg = self.rep_gpu[self._order[cand]]
-            s = src_gpu[multi][:, None]
-            dist = np.where(cg == s, 0, np.where(cg // gpus_per_node == s // gpus_per_node, 1, 2))
-            dist = np.where(np.arange(width) < c[:, None], dist, 3)
-            pick = dist.argmin(axis=1)
-        dst = dst.copy()
-        dst[multi] = self.rep_gpu[self._order[f + pick]]
-        return dst
+            r = rng.integers(0, 2**32, size=np.shape(experts), dtype=np.uint32)
+            pick = (r.astype(np.int64) * self._count[experts]) >> 32
+        else:  # round-robin: replica = token index mod replica count
+            idx = (np.broadcast_to(token_index, np.shape(experts)) if token_index is not None
+                   else np.arange(np.size(experts)).reshape(np.shape(experts)))
+            pick = idx % self._count[experts]
+        return self._table[experts * self._width + pick]
+
+    def _nearest_table(self, gpus_per_node: int) -> np.ndarray:
+        """[G, E]: the replica each source GPU uses: same GPU, else same node, else the first
+        replica in slot order (ties: first in slot order)."""
+        g = np.arange(self.num_gpus)[:, None, None]
+        cand = self._table.reshape(self.num_experts, self._width)[None, :, :]  # [1, E, W]
+        dist = np.where(cand == g, 0, np.where(cand // gpus_per_node == g // gpus_per_node,
+                                                1, 2))
+        dist = np.where(np.arange(self._width) < self._count[:, None], dist, 3)
+        pick = dist.argmin(axis=2)  # [G, E]
+        return np.take_along_axis(np.broadcast_to(cand, dist.shape), pick[..., None],
+                                  axis=2)[..., 0].astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,26 +271,32 @@ def counts_from_tokens(src_gpu, expert_ids, placement: Placement, cluster: Clust
             f"expert id {int(ids.max())} >= {placement.num_experts} experts in the placement"
         )
     src32 = src.astype(np.int32)
+    ids = ids.astype(np.intp, copy=False)
     src2 = np.broadcast_to(src32[:, None], ids.shape)
     if token_index is None:
         token_index = np.arange(len(src), dtype=np.int64)
+    tok2 = np.broadcast_to(np.asarray(token_index)[:, None], ids.shape)
     if ids.size and ids.min() < 0:  # dropped slots go to a virtual GPU n
         valid = ids >= 0
-        dst = np.full(ids.shape, n, dtype=np.int32)
-        tok2 = np.broadcast_to(np.asarray(token_index)[:, None], ids.shape)
-        dst[valid] = placement.choose(src2[valid], ids[valid].astype(np.int64), g, tok2[valid])
+        dst = np.where(valid, placement.choose(src2, np.where(valid, ids, 0), g, tok2),
+                       np.int32(n))
     else:
-        tok2 = np.broadcast_to(np.asarray(token_index)[:, None], ids.shape)
-        dst = placement.choose(src2, ids.astype(np.intp, copy=False), g, tok2).astype(np.int32)
+        dst = placement.choose(src2, ids, g, tok2)
 
     # one bincount over (src, dst, first-on-this-GPU, first-on-this-node): Z sums all four
     # flag states, X keeps GPU-firsts, Y keeps node-firsts summed over the node's GPUs.
-    # Dropped slots sit on the virtual GPU n and are cut off.
+    # Dropped slots sit on the virtual GPU n (node m = n / g) and are cut off. The work runs
+    # on a small-integer [K, N] transpose, where each slot's column is contiguous.
     m = cluster.num_nodes
-    new_gpu = _first_in_row(dst)
-    nodes = np.where(dst < n, dst // np.int32(g), np.int32(m))
-    new_node = _first_in_row(nodes)
-    key = (src32[:, None] * np.int32(n + 1) + dst) * np.int32(4) + new_gpu * np.int32(2) + new_node
+    small = np.int8 if n < 127 else np.int16 if n < 32767 else np.int32
+    dT = np.ascontiguousarray(dst.T, dtype=small)
+    new_gpu = _first_in_column(dT)
+    new_node = _first_in_column(dT // small(g))
+    key = dT.astype(np.int32)
+    key *= np.int32(4)
+    key += src32 * np.int32(4 * (n + 1))
+    key += new_gpu.view(np.int8) * np.int8(2)
+    key += new_node.view(np.int8)
     full = np.bincount(key.ravel(), minlength=n * (n + 1) * 4).reshape(n, n + 1, 2, 2)[:, :n]
     Z = full.sum(axis=(2, 3))
     X = full[:, :, 1, :].sum(axis=2)
@@ -283,24 +306,25 @@ def counts_from_tokens(src_gpu, expert_ids, placement: Placement, cluster: Clust
     return CommCounts(Z, X, Y, tokens, g, exact=True)
 
 
-def _first_in_row(values: np.ndarray) -> np.ndarray:
-    """int32 [N, K]: 1 where no earlier entry of the row has the same value, else 0."""
-    k = values.shape[1]
+def _first_in_column(values: np.ndarray) -> np.ndarray:
+    """bool [K, N]: True where no earlier entry of the column (same token) has the value."""
+    k = values.shape[0]
     if k > 16:  # sorting wins over K^2 comparisons
-        order = np.argsort(values, axis=1, kind="stable")
-        sv = np.take_along_axis(values, order, axis=1)
-        first = np.ones(sv.shape, dtype=np.int32)
-        first[:, 1:] = sv[:, 1:] != sv[:, :-1]
+        order = np.argsort(values, axis=0, kind="stable")
+        sv = np.take_along_axis(values, order, axis=0)
+        first = np.ones(sv.shape, dtype=bool)
+        first[1:] = sv[1:] != sv[:-1]
         out = np.empty_like(first)
-        np.put_along_axis(out, order, first, axis=1)
+        np.put_along_axis(out, order, first, axis=0)
         return out
-    out = np.ones(values.shape, dtype=np.int32)
+    v = np.ascontiguousarray(values)
+    out = np.ones(v.shape, dtype=bool)
+    differs = np.empty(v.shape[1:], dtype=bool)
     for j in range(1, k):
-        col = values[:, j]
-        dup = col == values[:, 0]
+        np.not_equal(v[j], v[0], out=out[j])
         for i in range(1, j):
-            dup |= col == values[:, i]
-        out[:, j] = ~dup
+            np.not_equal(v[j], v[i], out=differs)
+            out[j] &= differs
     return out
 
 

@@ -65,6 +65,63 @@ def test_random_replicas_split_evenly():
     assert abs(c.Z[0, 1] - 10000) < 400  # binomial, 4 sigma
 
 
+def test_random_choice_among_three_replicas_is_even():
+    cl = small_cluster()
+    plan = comm.Placement(np.array([0, 0, 0, 1]), np.array([1, 2, 3, 0]), 2, 4, seed=5)
+    ids = np.tile([0, 1], (30000, 1))
+    c = comm.counts_from_tokens(np.zeros(30000, int), ids, plan, cl)
+    assert c.Z[0, 0] == 30000  # the single-replica expert
+    np.testing.assert_allclose(c.Z[0, 1:], 10000, atol=4 * 82)  # binomial sd 82, 4 sigma
+
+
+def _brute_counts(src, ids, slots, rule, g, n):
+    """X, Y, Z by walking every token: the definitions, written independently."""
+    reps = {}
+    for e, gpu in slots:  # replicas of an expert in slot order
+        reps.setdefault(e, []).append(gpu)
+    Z, X, Y = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n // g))
+    for t, (s, row) in enumerate(zip(src, ids, strict=True)):
+        gpus = []
+        for e in row:
+            if e < 0:
+                continue
+            r = reps[e]
+            if rule == "round-robin":
+                d = r[t % len(r)]
+            else:  # nearest: same GPU, else the first on the same node, else the first
+                same_node = [x for x in r if x // g == s // g]
+                d = s if s in r else (same_node[0] if same_node else r[0])
+            Z[s, d] += 1
+            gpus.append(d)
+        for d in set(gpus):
+            X[s, d] += 1
+        for node in {d // g for d in gpus}:
+            Y[s, node] += 1
+    return Z, X, Y
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5), st.sampled_from(
+    ["round-robin", "nearest"]), st.integers(0, 2**31))
+def test_counts_match_brute_force_with_replicas_and_drops(nodes, gpn, k, rule, seed):
+    rng = np.random.default_rng(seed)
+    n, e = nodes * gpn, 6
+    cl = small_cluster(nodes, gpn)
+    slots = [(x, int(rng.integers(n))) for x in range(e)]
+    slots += [(int(rng.integers(e)), int(rng.integers(n))) for _ in range(int(rng.integers(4)))]
+    rng.shuffle(slots)
+    plan = comm.Placement(np.array([a for a, _ in slots]), np.array([b for _, b in slots]), e,
+                          n, selection=rule)
+    src = rng.integers(0, n, 40)
+    ids = np.array([rng.choice(e, size=min(k, e), replace=False) for _ in range(40)])
+    ids[rng.random(ids.shape) < 0.15] = -1  # dropped slots
+    c = comm.counts_from_tokens(src, ids, plan, cl)
+    Z, X, Y = _brute_counts(src, ids, slots, rule, gpn, n)
+    np.testing.assert_array_equal(c.Z, Z)
+    np.testing.assert_array_equal(c.X, X)
+    np.testing.assert_array_equal(c.Y, Y)
+
+
 def test_aggregate_counts_match_tokens():
     cl = get_cluster("h800-ib").for_ep(16)
     src, ids = comm.uniform_routing(16, 512, 64, 4, seed=1)
