@@ -1,9 +1,10 @@
 """Time to model one MoE layer's dispatch + combine: 64 ranks x 4096 tokens x top-8.
 
 Run:  python benchmarks/comm_bench.py
-Measures (best of 5) the count matrices from token-level routing and from aggregated
-[G, E] counts, plus each dispatcher's model, on the H800 preset (8 nodes x 8 GPUs, 256
-experts, contiguous placement, and an EPLB-like placement with 64 redundant replicas).
+Measures (best of 7, wall and CPU time) the count matrices from token-level routing and from
+aggregated [G, E] counts, plus each dispatcher's model, on the H800 preset (8 nodes x 8 GPUs,
+256 experts, contiguous placement, and an EPLB-like placement with 64 redundant replicas and
+random replica choice).
 Target from issue 3: under 50 ms from token-level routing.
 """
 
@@ -36,6 +37,7 @@ def best(fn, repeats=7):
 
 
 def main() -> int:
+    load_before = os.getloadavg()[0]
     cluster = get_cluster("h800-ib").for_ep(RANKS)
     src, ids = comm.deepep_test_routing(RANKS, TOKENS, EXPERTS, TOP_K, 8, seed=0)
     plans = {"contiguous": comm.Placement.contiguous(EXPERTS, RANKS)}
@@ -67,10 +69,11 @@ def main() -> int:
         "# comm_bench: one layer, 64 ranks x 4096 tokens x top-8 (256 experts, H800 preset)",
         "",
         f"Command: `python benchmarks/comm_bench.py` on {platform.machine()}, "
-        f"{platform.python_version()}, numpy {np.__version__}; best of 5.",
+        f"{platform.python_version()}, numpy {np.__version__}; best of 7.",
         "",
-        f"Load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
-        "(wall times on a loaded machine overstate the cost; CPU time is this process's).",
+        f"Load average (1 min) before / after measuring: {load_before:.1f} / "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times on a loaded machine "
+        "overstate the cost; CPU time is this process's).",
         "",
         "| placement | dispatcher | counts from tokens | from aggregate | dispatcher model | "
         "total (tokens), wall | total, CPU | modelled dispatch | modelled combine | bottleneck |",
