@@ -45,3 +45,23 @@ def test_bad_profile_and_disk_dir(tmp_path, capsys):
     assert main(["calibrate", "--out", str(tmp_path / "o.yaml"), "--disk-dir",
                  str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_deepep_fit_uses_only_the_four_calibration_numbers():
+    import copy
+
+    scen = calibrate.deepep_scenarios(normal_eps=(8, 16), ll_eps=(8, 256), seed=0)
+    pub = calibrate.load_published()
+    params = calibrate.fit_deepep(scen, pub)
+    moved = copy.deepcopy(pub)  # every held-out figure 50 % higher: the constants stay put
+    for row in moved["normal"] + moved["low_latency"]:
+        if not row.get("calibration"):
+            row["gbps" if "gbps" in row else "us"] *= 1.5
+    assert calibrate.fit_deepep(scen, moved) == params
+    cal = {k: [r for r in pub[k] if r.get("calibration")] for k in ("normal", "low_latency")}
+    rows = calibrate.predict_deepep(params, scen, cal)
+    assert len(rows) == 4
+    for r in rows:  # the fit meets its four numbers exactly
+        assert abs(r["error_pct"]) < 1e-4, r
+    # per-rank low-latency structure: the fixed cost at EP8 comes out positive
+    assert params.ll_alpha + 3 * params.ll_alpha_log2 > 0
