@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -92,80 +92,112 @@ def round_robin_slots(num_layers: int, num_experts: int, num_gpus: int) -> np.nd
 
 
 # ---------------------------------------------------------------------------------------------
-# Compute costs (roofline per GPU)
+# Compute costs (moesim.cost)
 # ---------------------------------------------------------------------------------------------
-class ComputeCosts:
-    """Roofline times of the step's compute on one GPU: max(FLOPs / rate, bytes / bandwidth)
-    plus a launch overhead per kernel, with the device's achievable fractions of peak."""
+def tp_slice(model: MoEModel, tp: int) -> MoEModel:
+    """The part of each layer one GPU of a ``tp``-wide attention group computes: heads, KV heads
+    (GQA), shared/dense FFN widths and the vocabulary split ``tp`` ways. MLA's latent KV cache
+    and its down-projections stay whole on every rank; routed experts are not TP-split (EP)."""
+    if tp == 1:
+        return model
+    return replace(
+        model, num_heads=max(model.num_heads // tp, 1),
+        num_kv_heads=max(model.num_kv_heads // tp, 1),
+        shared_intermediate=(model.shared_intermediate or model.moe_intermediate) // tp,
+        dense_intermediate=model.dense_intermediate // tp, vocab=model.vocab // tp)
 
-    def __init__(self, model: MoEModel, device, tp: int):
+
+class StepCosts:
+    """A step's compute on each GPU, every operation through ``moesim.cost.CostModel``.
+
+    Attention, router, shared experts, dense FFNs and the LM head are costed on the GPU's TP
+    slice of the model (``tp_slice``); routed experts as one grouped GEMM per GPU over the
+    (token, expert) rows of its slots. A measured table given to the cost model overrides the
+    roofline wherever it covers an operation. Per-token-count results are memoised: a decode
+    step's groups mostly share a few token counts.
+    """
+
+    def __init__(self, model: MoEModel, device, tp: int, table=None):
+        from moesim.cost import CostModel
+
         self.model = model
-        self.tp = tp
-        eff_c, eff_m = device.compute_efficiency, device.memory_efficiency
-        self.flops_dense = device.peak_flops(model.dense_dtype) * eff_c
-        self.flops_expert = device.peak_flops(model.expert_dtype) * eff_c
-        self.mem_bw = device.memory.read_bw * eff_m
-        self.launch = device.kernel_overhead
-        self.tile = device.gemm_tile_m
-        m = model
-        dense_b = BYTES_PER_PARAM[m.dense_dtype]
-        self.attn_weight_bytes = m.attention_params() * dense_b / tp
-        self.attn_linear_flops = 2.0 * m.attention_params() / tp  # per token
-        if m.attention == "mla":  # absorbed MLA: scores and values against the latent
-            pair = 2 * m.num_heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim)
-        else:
-            pair = 4 * m.num_heads * m.head_dim
-        self.attn_pair_flops = pair / tp  # per (query, key) pair
-        kv_heads_split = tp if m.attention != "mla" and m.num_kv_heads >= tp else 1
-        self.kv_bytes_per_token_layer = m.kv_bytes_per_token() / m.num_layers / kv_heads_split
-        self.dense_ffn_flops = 2.0 * m.dense_ffn_params() / tp
-        self.dense_ffn_bytes = m.dense_ffn_params() * dense_b / tp
-        self.shared_flops = 2.0 * (m.shared_expert_params() + m.router_params()) / tp
-        self.shared_bytes = (m.shared_expert_params() + m.router_params()) * dense_b / tp
-        self.expert_flops = float(m.expert_flops_per_token())
-        self.expert_bytes = float(m.expert_bytes())
-        self.lm_head_flops = 2.0 * m.vocab * m.hidden / tp
-        self.lm_head_bytes = m.vocab * m.hidden * dense_b / tp
+        self.rank = tp_slice(model, tp)
+        self.cm = CostModel(device, table)
+        self._memo: dict[tuple[str, float], float] = {}
+        self._expert_table: dict[int, np.ndarray] = {}
 
-    def _roof(self, flops, nbytes, rate):
-        return np.maximum(flops / rate, nbytes / self.mem_bw)
+    def _per_count(self, what: str, fn, tokens: np.ndarray) -> np.ndarray:
+        lo, hi = tokens.min(), tokens.max()
+        if lo == hi:  # every group runs the same number of tokens (steady decode)
+            return np.full(len(tokens), self._per_count(what, fn, tokens[:1])[0]) \
+                if len(tokens) > 1 else self._one(what, fn, float(lo))
+        uniq, inverse = np.unique(tokens, return_inverse=True)
+        vals = np.empty(len(uniq))
+        for i, t in enumerate(uniq.tolist()):
+            vals[i] = self._one(what, fn, t)[0]
+        return vals[inverse]
 
-    def attention(self, tokens, pairs, kv_tokens):
-        """Per group: QKV/output projections, attention over the cache, one layer."""
-        busy = tokens > 0
-        t = self._roof(tokens * self.attn_linear_flops + pairs * self.attn_pair_flops,
-                       self.attn_weight_bytes + kv_tokens * self.kv_bytes_per_token_layer,
-                       self.flops_dense)
-        return np.where(busy, t + 4 * self.launch, 0.0)
+    def _one(self, what: str, fn, t: float) -> np.ndarray:
+        key = (what, t)
+        v = self._memo.get(key)
+        if v is None:
+            v = self._memo[key] = fn(t) if t > 0 else 0.0
+        return np.array([v])
 
-    def dense_ffn(self, tokens):
-        t = self._roof(tokens * self.dense_ffn_flops, self.dense_ffn_bytes, self.flops_dense)
-        return np.where(tokens > 0, t + 3 * self.launch, 0.0)
+    def attention(self, tokens, pairs, kv_tokens, decode) -> np.ndarray:
+        """One layer's attention per group from the group's totals (see CostModel)."""
+        return self.cm.attention_times(self.rank, tokens, pairs, kv_tokens, decode)
 
-    def shared_and_router(self, tokens):
-        t = self._roof(tokens * self.shared_flops, self.shared_bytes, self.flops_dense)
-        return np.where(tokens > 0, t + 4 * self.launch, 0.0)
+    def router_and_shared(self, tokens: np.ndarray) -> np.ndarray:
+        m, cm = self.rank, self.cm
+        return self._per_count("router+shared", lambda t: cm.router_time(m, t)
+                               + cm.shared_expert_time(m, t), tokens)
 
-    def experts(self, slot_load: np.ndarray, slots_per_gpu: int, active=None):
-        """Grouped GEMM per GPU: ``slot_load[..., R]`` (token, expert) pairs per physical slot.
+    def dense_ffn(self, tokens: np.ndarray) -> np.ndarray:
+        return self._per_count("dense", lambda t: self.cm.dense_ffn_time(self.rank, t), tokens)
 
-        Rows are padded to the GEMM tile per expert; each active expert's weights are read once.
-        ``active`` (probability that a slot receives any token) replaces ``slot_load > 0`` for
-        expected, fractional loads.
+    def lm_head(self, tokens: np.ndarray) -> np.ndarray:
+        m = self.rank
+        return self._per_count("lm_head", lambda t: self.cm.gemm_time(
+            t, m.vocab, m.hidden, m.dense_dtype, "lm_head"), tokens)
+
+    def experts(self, slot_load: np.ndarray, num_gpus: int, active=None) -> np.ndarray:
+        """``[L, G]`` grouped-GEMM seconds from ``slot_load[L, R]`` (rows per physical slot).
+
+        ``active`` (expected loads): the probability that a slot receives any row; a slot then
+        costs P(active) x time(load / P(active)), and the launch P(any slot of the GPU active).
         """
+        L = slot_load.shape[0]
+        load = slot_load.reshape(L, num_gpus, -1)
         if active is None:
-            active = (slot_load > 0).astype(float)
-        padded = np.where(slot_load >= self.tile, np.ceil(slot_load / self.tile) * self.tile,
-                          active * self.tile)
-        shape = slot_load.shape[:-1] + (-1, slots_per_gpu)
-        flops = padded.reshape(shape).sum(-1) * self.expert_flops
-        active = active.reshape(shape).sum(-1)
-        t = self._roof(flops, active * self.expert_bytes, self.flops_expert)
-        return np.where(active > 0, t + 3 * self.launch, 0.0)
+            return self.cm.grouped_gemm_times(self.model, load)
+        return self._expected_experts(load, active)
 
-    def lm_head(self, tokens):
-        t = self._roof(tokens * self.lm_head_flops, self.lm_head_bytes, self.flops_dense)
-        return np.where(tokens > 0, t + self.launch, 0.0)
+    def experts_counted(self, slot_rows: np.ndarray, num_gpus: int, parts: int = 1,
+                        gpu_rows: np.ndarray | None = None) -> np.ndarray:
+        """``experts`` for integer rows per slot, each GPU's rows split into ``parts`` equal
+        micro-batches: the cost model's per-expert times are looked up in a table indexed by
+        rows (filled through ``CostModel.expert_times`` as larger counts appear)."""
+        table = self._expert_table.get(parts)
+        top = int(slot_rows.max(initial=0))
+        if table is None or top >= len(table):
+            size = max(2 * top + 1, 256)
+            table = self.cm.expert_times(self.model, np.arange(size) / parts)
+            self._expert_table[parts] = table
+        L = slot_rows.shape[0]
+        per = table[slot_rows]
+        per_gpu = per if per.shape[1] == num_gpus else (
+            per.reshape(-1, per.shape[1] // num_gpus) @ np.ones(per.shape[1] // num_gpus))
+        if gpu_rows is None:
+            gpu_rows = slot_rows.reshape(L, num_gpus, -1).sum(-1)
+        return per_gpu.reshape(L, num_gpus) + (gpu_rows > 0) * self.cm.device.kernel_overhead
+
+    def _expected_experts(self, load: np.ndarray, active: np.ndarray) -> np.ndarray:
+        p = active.reshape(load.shape)
+        cond = np.divide(load, p, out=np.zeros_like(load), where=p > 0)
+        per = self.cm.expert_times(self.model, cond) * p
+        launch = -np.expm1(np.log1p(-np.minimum(p, 1.0 - 1e-15)).sum(-1))
+        return per.sum(-1) + launch * self.cm.device.kernel_overhead
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,20 +215,27 @@ class StepRouting:
     gpu_load: np.ndarray  # [L, G] pairs per GPU
     bottleneck: list = field(default_factory=list)
     active: np.ndarray | None = None  # [L, R] P(slot receives a token), for expected loads
+    expert_t: np.ndarray | None = None  # [L, G] grouped-GEMM seconds (expected loads)
+    slot_rows: np.ndarray | None = None  # [L, R] whole step's rows per slot (token routing)
+    expert_stats: tuple | None = None  # expert times: (max, mean) over GPUs, sum over layers
 
 
 class Router:
     """Turns a step's tokens into per-layer loads and dispatch/combine times (moesim.comm).
 
-    Dispatchers that move one row per (token, expert) pair (``flat``, ``deepep-ll``) need only
-    per-GPU byte totals split by path (self, same node, other node); those are computed for all
-    layers at once with numpy and costed by ``batched_pair_comm``, which follows
-    ``moesim.comm``'s FlatAllToAll / DeepEPLowLatency term by term (tests/test_engine.py checks
-    it against them). Other dispatchers (per-GPU/per-node dedup, all-gather, hierarchical) get
-    the layer's count matrices and run ``moesim.comm`` layer by layer.
-    """
+    Trace rows are mapped once, when the router is built, to the flat slot id
+    ``layer * R + slot`` of each (row, layer, k), so a step gathers its tokens' rows and runs
+    one bincount over all layers. Replicated experts split tokens round-robin: request q
+    replaying trace row i uses replica (i + q mod C) mod (replica count), C the largest replica
+    count — moesim.comm's ``round-robin`` rule with i + q mod C as the token index; the C
+    offsets are mapped in advance too (C x the trace's size; past 2**27 slots, per step).
 
-    PAIR_DISPATCHERS = ("flat", "deepep-ll")
+    Pair dispatchers (``flat``, ``deepep-ll``) need only the pairs each GPU sends and receives
+    by path (same GPU, same node, other node), costed for all layers at once by
+    ``moesim.comm.pair_comm_layers``; ``deepep-ll`` sends every pair through the NIC, so it
+    needs only the per-GPU totals. Other dispatchers (per-GPU/per-node dedup, all-gather,
+    hierarchical) get each layer's count matrices and run ``moesim.comm`` layer by layer.
+    """
 
     def __init__(self, model: MoEModel, layout: Layout, cluster, routing, dispatcher: str,
                  hidden: int):
@@ -208,41 +247,49 @@ class Router:
         self.cluster = cluster
         self.routing = routing
         self.dispatcher = comm.get_dispatcher(dispatcher)
+        name = self.dispatcher.name
         dtype = "fp8" if model.expert_dtype == "fp8" else "bf16"
-        self.rows = comm.wire_rows(self.dispatcher.name, hidden, dtype, "bf16")
-        L, E = model.moe_layers, model.num_experts
-        self.L, self.E = L, E
+        self.rows = comm.wire_rows(name, hidden, dtype, "bf16")
+        L, E, K = model.moe_layers, model.num_experts, model.top_k
+        self.L, self.E, self.K = L, E, K
         self.G = layout.num_gpus
         self.R = layout.phy2log.shape[1]
         self.S = layout.slots_per_gpu
         self.gpn = cluster.gpus_per_node
         self.node = np.arange(self.G) // self.gpn
-        self.fast = self.dispatcher.name in self.PAIR_DISPATCHERS
+        self.pair = name in comm.PAIR_DISPATCHERS
+        self.nic_only = name == "deepep-ll"  # pure RDMA: only per-GPU totals matter
         reps = layout.replica_counts(E)
-        self.single = bool((reps == 1).all())
-        # per-layer placement in moesim.comm's form (replicas split round-robin over tokens)
-        self.placements = [
-            comm.Placement.from_slots(layout.phy2log[li], self.G, E, selection="round-robin")
-            for li in range(L)
-        ]
-        # slot of (layer, expert, GPU): the first such slot when a GPU holds two replicas
-        table = np.full((L, E, self.G), -1, dtype=np.int64)
+        self._placements = None
+        # deepep-ll with more tokens in a step than trace rows: histogram each row once,
+        # weighted by how many tokens replay it (same loads, less work)
+        self.aggregate_rows = True
+        # replicas of each (layer, expert) in slot order, as flat slot ids; row L*E: invalid
+        C = max(int(reps.max()), 1)
         lay, slot = np.nonzero(layout.phy2log >= 0)
-        table[lay[::-1], layout.phy2log[lay, slot][::-1], slot[::-1] // self.S] = slot[::-1]
-        self.slot_table = table
-        # replicas of each (layer, expert) in slot order: [L, E, max replicas]
-        self.rep_count = reps
-        self.rep_slots = np.zeros((L, E, max(int(reps.max()), 1)), dtype=np.int64)
-        fill = np.zeros((L, E), dtype=np.int64)
-        for lay_i, slot_i in zip(lay, slot, strict=True):
-            e_i = layout.phy2log[lay_i, slot_i]
-            self.rep_slots[lay_i, e_i, fill[lay_i, e_i]] = slot_i
-            fill[lay_i, e_i] += 1
-        if self.single:
-            first = np.zeros((L, E), dtype=np.int64)
-            first[lay, layout.phy2log[lay, slot]] = slot
-            # flat slot id (layer * R + slot) of each (layer, expert), indexed by layer * E + e
-            self.flat_slot = (np.arange(L)[:, None] * self.R + first).ravel().astype(np.int32)
+        expert = layout.phy2log[lay, slot]
+        order = np.lexsort((slot, expert, lay))
+        lay, slot, expert = lay[order], slot[order], expert[order]
+        le = lay * E + expert
+        first = np.searchsorted(le, le)  # first entry of each (layer, expert)
+        rep_slot = np.full((L * E + 1, C), L * self.R, dtype=np.int64)
+        rep_slot[le, np.arange(len(le)) - first] = lay * self.R + slot
+        self.C = C
+        self.rep_slot_flat = rep_slot.ravel().astype(np.int32)
+        self.rep_count_flat = np.r_[reps.ravel(), 1].astype(np.int32)
+        # GPU of each flat slot id; the invalid id maps to a virtual GPU G
+        self.slot_gpu = np.r_[np.tile(np.arange(self.R) // self.S, L), self.G].astype(np.int32)
+        if routing.kind == "trace":
+            ex = routing.experts
+            self.T = len(ex)
+            self.valid_all = bool((ex >= 0).all())
+            if not self.valid_all:
+                self.row_valid = (ex >= 0).sum(-1).astype(np.int32)  # [T, L]
+            # slots of every (offset, row, layer, k), once, when they fit in memory
+            self.row_slot = None
+            if C * ex.size <= 2**27:
+                every = np.arange(C * self.T)
+                self.row_slot = self._row_slots(every // self.T, every % self.T)
         if routing.kind == "counts":
             phy = np.maximum(layout.phy2log, 0)
             per_slot = np.where(layout.phy2log >= 0, np.take_along_axis(routing.share, phy, 1), 0.0)
@@ -253,88 +300,129 @@ class Router:
         self.cache_hits = 0
         self.cache_misses = 0
 
-    # ----- token-level (trace replay) ---------------------------------------------------------
-    def _destinations(self, experts: np.ndarray, src: np.ndarray):
-        """Flat slot ids ``layer * R + slot`` of every (token, layer, k); invalid -> L * R."""
-        L, R, E = self.L, self.R, self.E
-        valid = experts >= 0
-        if self.single:
-            idx = experts.astype(np.int32)
-            idx += (np.arange(L, dtype=np.int32) * E)[None, :, None]
-            flat = self.flat_slot[idx]
-        else:  # replicas: token i uses replica i mod count (moesim.comm's "round-robin" rule)
-            n = len(src)
-            e = np.where(valid, experts, 0).astype(np.int64)
-            lay = np.arange(L)[None, :, None]
-            rep = np.arange(n)[:, None, None] % self.rep_count[lay, e]
-            flat = lay * R + self.rep_slots[lay, e, rep]
-        if not valid.all():
-            flat = np.where(valid, flat, L * R)
-        return flat, valid
+    @property
+    def placements(self) -> list:
+        """Per-layer ``moesim.comm.Placement`` (replicas round-robin), for the other dispatchers."""
+        if self._placements is None:
+            self._placements = [
+                self.comm.Placement.from_slots(self.layout.phy2log[li], self.G, self.E,
+                                               selection="round-robin")
+                for li in range(self.L)]
+        return self._placements
 
-    def route_tokens(self, experts: np.ndarray, src: np.ndarray, share: float = 1.0) -> StepRouting:
-        """``experts[n, L, K]`` (trace rows of the step's tokens), ``src[n]`` source GPU."""
-        L, G, R = self.L, self.G, self.R
-        flat, valid = self._destinations(experts, src)
-        if not self.fast:
-            slot_load = np.bincount(flat.ravel(), minlength=L * R + 1)[: L * R].reshape(L, R)
-            out = self._empty(slot_load * share)
-            tokens = np.bincount(src, minlength=G).astype(float)
-            for li in range(L):
-                ids = np.where(valid[:, li], experts[:, li], -1)
-                counts = self.comm.counts_from_tokens(src, ids, self.placements[li], self.cluster,
-                                                      token_index=np.arange(len(src)))
-                if share != 1.0:
-                    counts = self._scaled(counts, share)
-                self._store(out, li, self.dispatcher.run(counts, self.cluster, *self.rows))
-            del tokens
-            return out
-        # path class of each pair: 0 same GPU, 1 same node, 2 other node; histogram the pairs
-        # by (destination slot, class) and by (source GPU, class) in two passes
-        dst = (flat % R) // self.S
-        src_b = src.astype(np.int32)[:, None, None]
-        cls = (dst != src_b).astype(np.int32)
-        cls += (dst // self.gpn) != (src_b // self.gpn)
-        if not valid.all():
-            cls[~valid] = 0
-        key = flat * 3 + cls
-        hist = np.bincount(key.ravel(), minlength=(L * R + 1) * 3)[: L * R * 3].reshape(L, R, 3)
-        slot_load = hist.sum(-1)
-        in_cls = hist.reshape(L, G, self.S, 3).sum(2).astype(float)  # [L, G, 3]
-        skey = (np.arange(L, dtype=np.int32)[None, :, None] * G + src_b) * 3 + cls
-        if not valid.all():
-            skey[~valid] = L * G * 3
-        out_cls = np.bincount(skey.ravel(), minlength=L * G * 3 + 1)[: L * G * 3]
-        out_cls = out_cls.reshape(L, G, 3).astype(float)
-        out = self._empty(slot_load * share)
-        self._pair_comm(out, out_cls * share, in_cls * share)
+    # ----- token-level (trace replay) ---------------------------------------------------------
+    def _row_slots(self, offset: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Flat slot ids ``[n, L, K]`` of trace ``rows`` replayed with replica ``offset``:
+        row i uses replica (i + offset) mod count of each expert; invalid -> L * R."""
+        ex = self.routing.experts[rows]
+        logical = ex.astype(np.int32)
+        logical += (np.arange(self.L, dtype=np.int32) * self.E)[None, :, None]
+        if not self.valid_all:
+            logical[ex < 0] = self.L * self.E
+        turn = (rows + offset).astype(np.int32)[:, None, None]
+        rep = turn % self.rep_count_flat[logical]
+        logical *= self.C
+        logical += rep
+        # bincount takes intp without a conversion pass
+        return self.rep_slot_flat[logical].astype(np.intp)
+
+    def route_tokens(self, rows: np.ndarray, src: np.ndarray, share: float = 1.0,
+                     req: np.ndarray | None = None) -> StepRouting:
+        """The step's tokens: trace ``rows[n]`` routing them, ``src[n]`` their source GPU,
+        ``req[n]`` their requests (replicated experts: request q replaying row i uses replica
+        (i + q mod C) mod count, so requests replaying the same row spread over replicas)."""
+        L, G, R, K = self.L, self.G, self.R, self.K
+        n_bins = L * R + 1
+        T, C = self.T, self.C
+        key = rows if req is None or C == 1 else (req % C) * T + rows  # (offset, row)
+        if self.nic_only and self.aggregate_rows and C * T < len(rows):
+            # more tokens than (offset, row) keys: count each key once, weighted by its repeats
+            mult = np.bincount(key, minlength=C * T)
+            used = np.flatnonzero(mult)
+            flat = self._slots_of(used)
+            w = np.repeat(mult[used].astype(float), L * K)
+            slot_rows = np.bincount(flat.ravel(), weights=w, minlength=n_bins).astype(np.int64)
+        else:
+            flat = self._slots_of(key)
+            slot_rows = np.bincount(flat.ravel(), minlength=n_bins)
+        slot_rows = slot_rows[: L * R].reshape(L, R)
+        out = self._empty(slot_rows * share)
+        out.slot_rows = slot_rows
+        if self.nic_only:
+            out_paths = np.zeros((L, G, 3))
+            in_paths = np.zeros((L, G, 3))
+            if self.valid_all:
+                out_paths[..., 0] = K * np.bincount(src, minlength=G) * share
+            else:
+                key = np.arange(L)[None, :] * G + src[:, None]
+                out_paths[..., 0] = np.bincount(key.ravel(), weights=self.row_valid[rows].ravel(),
+                                                minlength=L * G).reshape(L, G) * share
+            in_paths[..., 0] = out.gpu_load  # the LL kernel moves every pair, own GPU included
+            self._pair_comm(out, out_paths, in_paths)
+        elif self.pair:
+            self._flat_paths(out, flat, src, share)
+        else:
+            self._per_layer_comm(out, rows, src, share, key // T + rows)
         return out
+
+    def _slots_of(self, key: np.ndarray) -> np.ndarray:
+        if self.row_slot is not None:
+            return self.row_slot[key]
+        return self._row_slots(key // self.T, key % self.T)
+
+    def _flat_paths(self, out: StepRouting, flat: np.ndarray, src: np.ndarray, share: float):
+        """Pairs sent and received per GPU by path, from the pairs' slots: histograms of
+        (destination slot, path) and (layer, source GPU, path)."""
+        L, G, R = self.L, self.G, self.R
+        dst = self.slot_gpu[flat]
+        src_b = src.astype(np.int32)[:, None, None]
+        path = (dst != src_b).astype(np.int32)
+        path += (dst // self.gpn) != (src_b // self.gpn)
+        in_key = flat * 3 + path  # invalid slots land in the dropped last bins
+        hist = np.bincount(in_key.ravel(), minlength=(L * R + 1) * 3)[: L * R * 3]
+        in_paths = hist.reshape(L, G, self.S, 3).sum(2).astype(float)
+        out_key = (np.arange(L, dtype=np.int32)[None, :, None] * G + src_b) * 3 + path
+        if not self.valid_all:
+            out_key[dst == G] = L * G * 3
+        out_paths = np.bincount(out_key.ravel(), minlength=L * G * 3 + 1)[: L * G * 3]
+        out_paths = out_paths.reshape(L, G, 3).astype(float)
+        self._pair_comm(out, out_paths * share, in_paths * share)
+
+    def _per_layer_comm(self, out: StepRouting, rows: np.ndarray, src: np.ndarray, share: float,
+                        token_index: np.ndarray):
+        experts = self.routing.experts[rows]
+        for li in range(self.L):
+            counts = self.comm.counts_from_tokens(src, experts[:, li], self.placements[li],
+                                                  self.cluster, token_index=token_index)
+            if share != 1.0:
+                counts = self._scaled(counts, share)
+            self._store(out, li, self.dispatcher.run(counts, self.cluster, *self.rows))
 
     # ----- expected (aggregate counts) ------------------------------------------------------------
     def route_expected(self, tokens_per_gpu: np.ndarray, share: float = 1.0) -> StepRouting:
-        """Each token selects K experts with the layer's shares, in expectation."""
+        """Each token selects K experts with the layer's shares, in expectation. Memoised on
+        the tokens per GPU: a steady decode batch costs one dictionary lookup."""
         t = tokens_per_gpu.astype(float) * share
-        K = self.model.top_k
+        key = t.tobytes()
+        cached = self._cache.get(key)
+        if cached is not None:
+            self.cache_hits += 1
+            return cached
+        self.cache_misses += 1
+        K = self.K
         out = self._empty(t.sum() * K * self.slot_share)
         # a slot is idle only if none of the step's tokens picks it (independent tokens)
         pick = np.minimum(K * self.slot_share, 1.0)
         out.active = -np.expm1(t.sum() * np.log1p(-np.minimum(pick, 1 - 1e-12)))
         out.active[pick >= 1.0] = 1.0
-        key = t.tobytes()
-        cached = self._cache.get(key)
-        if cached is not None:
-            self.cache_hits += 1
-            out.dispatch_s, out.combine_s, out.sent_bytes, out.recv_bytes, out.bottleneck = cached
-            return out
-        self.cache_misses += 1
-        if self.fast:
+        if self.pair:
             T = t.sum()
             t_node = np.bincount(self.node, weights=t)[self.node]
             own = self.gpu_share * K
-            out_cls = np.stack([t * own, t * (self.node_share * K - own),
-                                t * K * (1 - self.node_share)], axis=-1)
-            in_cls = np.stack([t * own, own * (t_node - t), own * (T - t_node)], axis=-1)
-            self._pair_comm(out, out_cls, in_cls)
+            out_paths = np.stack([t * own, t * (self.node_share * K - own),
+                                  t * K * (1 - self.node_share)], axis=-1)
+            in_paths = np.stack([t * own, own * (t_node - t), own * (T - t_node)], axis=-1)
+            self._pair_comm(out, out_paths, in_paths)
         else:
             for li in range(self.L):
                 counts = self.comm.counts_from_aggregate(
@@ -342,18 +430,24 @@ class Router:
                 self._store(out, li, self.dispatcher.run(counts, self.cluster, *self.rows))
         if len(self._cache) > 4096:
             self._cache.clear()
-        self._cache[key] = (out.dispatch_s, out.combine_s, out.sent_bytes, out.recv_bytes,
-                            out.bottleneck)
+        self._cache[key] = out
         return out
 
     # ----- helpers ------------------------------------------------------------------------------
-    def _pair_comm(self, out: StepRouting, out_cls: np.ndarray, in_cls: np.ndarray) -> None:
-        res = batched_pair_comm(self.dispatcher.name, self.cluster, out_cls, in_cls, *self.rows)
-        out.dispatch_s, out.combine_s, out.sent_bytes, out.recv_bytes, out.bottleneck = res
+    def _pair_comm(self, out: StepRouting, out_paths: np.ndarray, in_paths: np.ndarray) -> None:
+        res = self.comm.pair_comm_layers(self.dispatcher.name, self.cluster, out_paths, in_paths,
+                                         *self.rows)
+        out.dispatch_s, out.combine_s = res.dispatch_s, res.combine_s
+        out.sent_bytes, out.recv_bytes, out.bottleneck = res.sent_bytes, res.recv_bytes, \
+            res.bottleneck
 
     def _empty(self, slot_load: np.ndarray) -> StepRouting:
         L = self.L
-        gpu_load = slot_load.reshape(L, self.G, -1).sum(-1)
+        if self.S == 1:
+            gpu_load = slot_load.astype(float)
+        else:  # a matrix product sums the few slots of a GPU faster than a reduction
+            gpu_load = slot_load.reshape(L * self.G, self.S).astype(float) @ np.ones(self.S)
+            gpu_load = gpu_load.reshape(L, self.G)
         return StepRouting(slot_load, np.zeros(L), np.zeros(L), np.zeros(L), np.zeros(L),
                            gpu_load, [""] * L)
 
@@ -368,62 +462,6 @@ class Router:
         out.sent_bytes[li] = float(res.send_bytes.sum())
         out.recv_bytes[li] = float(res.recv_bytes.sum())
         out.bottleneck[li] = res.bottleneck.split(" (")[0]
-
-
-def batched_pair_comm(name: str, cluster, out_cls: np.ndarray, in_cls: np.ndarray,
-                      dispatch_row: int, combine_row: int):
-    """Dispatch/combine seconds of ``flat`` or ``deepep-ll`` for all layers at once.
-
-    ``out_cls[L, G, 3]`` / ``in_cls[L, G, 3]``: (token, expert) pairs each GPU sends / receives
-    by path (same GPU, same node, other node). Mirrors moesim.comm's FlatAllToAll and
-    DeepEPLowLatency: fixed cost + the busiest link term (max bytes / rate). Returns
-    (dispatch_s [L], combine_s [L], sent bytes [L], received bytes [L], bottleneck names).
-    """
-    from moesim import comm
-
-    n, nodes = cluster.num_gpus, cluster.num_nodes
-    b = float(dispatch_row)
-    scale = combine_row / dispatch_row
-    nic = comm._nic_index(cluster)
-    n_nics = nodes * max(cluster.nics_per_node, 1)
-    if n_nics == n and (nic == np.arange(n)).all():
-        def to_nic_sum(x):  # one NIC per GPU: the per-NIC bytes are the per-GPU bytes
-            return x
-    else:
-        to_nic = np.zeros((n, n_nics))
-        to_nic[np.arange(n), nic] = 1.0
-
-        def to_nic_sum(x):
-            return x @ to_nic
-    if name == "deepep-ll":  # pure RDMA: every pair, the GPU's own included, through the NIC
-        send = out_cls.sum(-1) * b
-        recv = in_cls.sum(-1) * b
-        terms = {"nic_out": to_nic_sum(send), "nic_in": to_nic_sum(recv)}
-        rate = cluster.comm.ll_rdma_bw or cluster.rdma_bw()
-        rates = {"nic_out": rate, "nic_in": rate}
-        c = cluster.comm
-        alpha = max(c.ll_alpha + c.ll_alpha_log2 * math.log2(max(n, 1)), 0.0)
-        if not c.ll_alpha and not c.ll_alpha_log2 and cluster.nic is not None:
-            alpha = cluster.nic.latency
-    else:  # flat: same node over NVLink, other nodes through the NICs, self is local
-        send = (out_cls[..., 1] + out_cls[..., 2]) * b
-        recv = (in_cls[..., 1] + in_cls[..., 2]) * b
-        terms = {"nvl_out": out_cls[..., 1] * b, "nvl_in": in_cls[..., 1] * b}
-        rates = {"nvl_out": cluster.nvl_bw(), "nvl_in": cluster.nvl_bw()}
-        if nodes > 1:
-            terms["nic_out"] = to_nic_sum(out_cls[..., 2] * b)
-            terms["nic_in"] = to_nic_sum(in_cls[..., 2] * b)
-            rates.update(nic_out=cluster.rdma_bw(), nic_in=cluster.rdma_bw())
-        c = cluster.comm
-        lat = c.a2a_latency if c.a2a_latency is not None else (
-            cluster.nic.latency if nodes > 1 else cluster.nvlink.latency)
-        alpha = lat + c.per_peer * (n - 1)
-    names = list(terms)
-    secs = np.stack([terms[k].max(axis=-1) / rates[k] for k in names], axis=-1)  # [L, terms]
-    t = secs.max(axis=-1)
-    which = secs.argmax(axis=-1)
-    bottleneck = [names[i] if t_l > 0 else "none" for i, t_l in zip(which, t, strict=True)]
-    return alpha + t, alpha + t * scale, send.sum(-1), recv.sum(-1), bottleneck
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +491,7 @@ class Simulation:
     """A built scenario, ready to run once."""
 
     def __init__(self, scenario: Scenario, model: MoEModel, cluster, layout: Layout, routing,
-                 workload, scheduler: Scheduler, costs: ComputeCosts, router: Router,
+                 workload, scheduler: Scheduler, costs: StepCosts, router: Router,
                  kv_capacity: int, memory: dict):
         self.scenario = scenario
         self.model = model
@@ -471,46 +509,59 @@ class Simulation:
         G = layout.num_gpus
         self.group_gpus = np.arange(G).reshape(layout.num_groups, layout.tp)
         self.record_gpu = scenario.simulation.record_gpu
-        self.steps: list[dict] = []
-        self.layers: dict[str, list] = {k: [] for k in (
-            "attention_s", "dispatch_s", "experts_max_s", "experts_mean_s", "combine_s",
-            "sent_bytes", "recv_bytes", "load_max", "load_mean", "start_s")}
+        self.steps: list[tuple] = []  # one record per step (STEP_COLUMNS)
+        self._log: list[tuple] = []  # per step: routing, micro-batches, stage times, starts
         self.gpu_loads: list[np.ndarray] = []
         self.gpu_expert_s: list[np.ndarray] = []  # [L, G] grouped-GEMM seconds per step
-        self.bottlenecks: list[list[str]] = []
         self.gpu_busy = np.zeros(G)
-        self.gpu_comm = np.zeros(G)
 
     # ----- one forward step --------------------------------------------------------------------
-    def _tokens(self, batch: Batch):
-        """Request, sequence position and attention group of every token in the step."""
+    def _token_sources(self, batch: Batch, g_dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Request and source GPU of every token of the step: decodes first, then the prefill
+        chunks token by token (a TP group's tokens are dealt over its GPUs)."""
         s = self.scheduler
-        pre_req = np.repeat(batch.pre_idx, batch.pre_len)
-        offs = np.arange(len(pre_req)) - np.repeat(np.cumsum(batch.pre_len) - batch.pre_len,
-                                                   batch.pre_len)
-        pre_pos = np.repeat(batch.pre_start, batch.pre_len) + offs
+        if len(batch.pre_idx):
+            req = np.concatenate([batch.dec_idx, np.repeat(batch.pre_idx, batch.pre_len)])
+            grp = s.group[req]
+        else:
+            req, grp = batch.dec_idx, g_dec
+        if self.layout.tp == 1:
+            return req, grp
+        return req, self.group_gpus[grp, np.arange(len(req)) % self.layout.tp]
+
+    def _token_positions(self, batch: Batch) -> np.ndarray:
+        """Sequence position of every token, in ``_token_sources`` order."""
+        s = self.scheduler
         # a decode step feeds the last produced token: position prompt + generated - 1
         dec_pos = s.prompt[batch.dec_idx] + s.generated[batch.dec_idx] - 1
-        dec_pos = np.maximum(dec_pos, s.prompt[batch.dec_idx] - 1)
-        req = np.concatenate([batch.dec_idx, pre_req])
-        pos = np.concatenate([dec_pos, pre_pos])
-        return req, pos
+        if not len(batch.pre_idx):
+            return dec_pos
+        n_pre = int(batch.pre_len.sum())
+        offs = np.arange(n_pre) - np.repeat(np.cumsum(batch.pre_len) - batch.pre_len,
+                                            batch.pre_len)
+        pre_pos = np.repeat(batch.pre_start, batch.pre_len) + offs
+        return np.concatenate([dec_pos, pre_pos])
 
     def step_cost(self, batch: Batch) -> tuple[float, dict]:
         s, lay, m, c = self.scheduler, self.layout, self.model, self.costs
         ng, tp = lay.num_groups, lay.tp
         g_dec = s.group[batch.dec_idx]
-        g_pre = s.group[batch.pre_idx]
-        n_dec = np.bincount(g_dec, minlength=ng)
-        n_pre = np.bincount(g_pre, weights=batch.pre_len, minlength=ng)
-        tokens = n_dec + n_pre
-        # attention work: decode reads its whole context; a prefill chunk attends causally
-        ctx_dec = s.prompt[batch.dec_idx] + s.generated[batch.dec_idx]
-        kv_read = (np.bincount(g_dec, weights=ctx_dec, minlength=ng)
-                   + np.bincount(g_pre, weights=batch.pre_start + batch.pre_len, minlength=ng))
-        pairs_pre = batch.pre_len * (batch.pre_start + (batch.pre_len + 1) / 2.0)
-        pairs = (np.bincount(g_dec, weights=ctx_dec, minlength=ng)
-                 + np.bincount(g_pre, weights=pairs_pre, minlength=ng))
+        ctx_dec = s.prompt[batch.dec_idx] + s.generated[batch.dec_idx]  # cached tokens + 1
+        if len(batch.pre_idx):
+            g_pre = s.group[batch.pre_idx]
+            n_pre = np.bincount(g_pre, weights=batch.pre_len, minlength=ng)
+            tokens = np.bincount(g_dec, minlength=ng) + n_pre
+            # a decode reads its whole context; a prefill chunk attends causally to its prefix
+            ends = batch.pre_start + batch.pre_len
+            pairs_pre = batch.pre_len * (batch.pre_start + (batch.pre_len + 1) / 2.0)
+            kv_dec = np.bincount(g_dec, weights=ctx_dec, minlength=ng)
+            kv_read = kv_dec + np.bincount(g_pre, weights=ends, minlength=ng)
+            pairs = kv_dec + np.bincount(g_pre, weights=pairs_pre, minlength=ng)
+            decode = n_pre == 0
+        else:
+            tokens = np.bincount(g_dec, minlength=ng).astype(float)
+            kv_read = pairs = np.bincount(g_dec, weights=ctx_dec, minlength=ng)
+            decode = True
         mb = 2 if self.overlap else 1
         share = 1.0 / mb
         tp_ar = 0.0
@@ -518,72 +569,120 @@ class Simulation:
             from moesim.comm import allreduce_time
 
             tp_ar = allreduce_time(self.cluster, float(tokens.max() * share) * m.hidden * 2, tp)
-        attn = c.attention(tokens * share, pairs * share, kv_read * share) + tp_ar
-        attn_moe = attn + c.shared_and_router(tokens * share) + tp_ar
-        # dense layers (DeepSeek's first_k_dense_replace) run without the micro-batch split
-        dense_gpu = (c.attention(tokens, pairs, kv_read) + c.dense_ffn(tokens)
-                     + 2 * (tp_ar * mb))
-        dense = float(dense_gpu.max()) if m.first_dense_layers else 0.0
+        # dense layers (DeepSeek's first_k_dense_replace) run without the micro-batch split:
+        # their attention is costed in the same call as the MoE layers' (one micro-batch)
+        parts = (share, 1.0) if m.first_dense_layers else (share,)
+        both = c.attention(np.concatenate([tokens * f for f in parts]),
+                           np.concatenate([pairs * f for f in parts]),
+                           np.concatenate([kv_read * f for f in parts]),
+                           np.tile(decode, len(parts)) if len(batch.pre_idx) else True)
+        attn_moe = both[:ng] + c.router_and_shared(tokens * share) + 2 * tp_ar
+        dense = 0.0
+        dense_gpu = 0.0
+        if m.first_dense_layers:
+            dense_gpu = both[ng:] + c.dense_ffn(tokens) + 2 * (tp_ar * mb)
+            dense = float(dense_gpu.max())
         # MoE layers: where each token goes
-        req, pos = self._tokens(batch)
-        grp = s.group[req]
-        src = self.group_gpus[grp, np.arange(len(req)) % tp] if tp > 1 else grp
+        tok_req, src = self._token_sources(batch, g_dec)
         if self.routing.kind == "counts":
-            routed = self.router.route_expected(np.bincount(src, minlength=lay.num_gpus), share)
+            src_tokens = np.bincount(src, minlength=lay.num_gpus) if tp > 1 else tokens
+            routed = self.router.route_expected(src_tokens, share)
+            expert_t = self._expected_experts(routed)
         else:
-            rows = self.routing.rows(req, pos, s.prompt[req])
-            routed = self.router.route_tokens(self.routing.experts[rows], src, share)
-        expert_t = c.experts(routed.slot_load, lay.slots_per_gpu, routed.active)  # [L, G] per mb
+            rows = self.routing.rows(tok_req, self._token_positions(batch),
+                                     s.prompt[tok_req])
+            routed = self.router.route_tokens(rows, src, share, tok_req)
+            expert_t = c.experts_counted(routed.slot_rows, lay.num_gpus, mb,
+                                         routed.gpu_load)  # [L, G] per micro-batch
+        if routed.expert_stats is None:  # memoised routings keep theirs
+            routed.expert_stats = (expert_t.max(axis=1), expert_t.mean(axis=1),
+                                   expert_t.sum(axis=0))
+        expert_max = routed.expert_stats[0]
         L = m.moe_layers
         attn_stage = np.full(L, attn_moe.max())
-        starts, drain = layer_schedule(attn_stage, routed.dispatch_s, expert_t.max(axis=1),
+        starts, drain = layer_schedule(attn_stage, routed.dispatch_s, expert_max,
                                        routed.combine_s, self.overlap)
         moe_time = starts[-1] + drain
-        producers = len(batch.dec_idx) + len(batch.pre_idx)
-        head = float(c.lm_head(np.array([producers / max(ng, 1)])).max())
+        # the LM head runs on each group's producing sequences; the fullest group gates it
+        producers = np.bincount(g_dec, minlength=ng)
+        if len(batch.pre_idx):
+            producers = producers + np.bincount(g_pre, minlength=ng)
+        head = float(c.lm_head(producers[producers.argmax():][:1])[0])
         step = dense * m.first_dense_layers + moe_time + head + self.step_overhead
         # per-GPU busy time on the compute stream (utilisation)
         busy = (np.repeat(attn_moe * mb * L + dense_gpu * m.first_dense_layers, tp)
-                + expert_t.sum(axis=0) * mb)
+                + routed.expert_stats[2] * mb)
         self.gpu_busy += busy
-        self.gpu_comm += (routed.dispatch_s.sum() + routed.combine_s.sum()) * mb
         info = {
-            "routed": routed, "expert_t": expert_t, "attn_s": attn_stage * mb,
-            "starts": starts + dense * m.first_dense_layers, "tokens_max": float(tokens.max()),
-            "tokens_mean": float(tokens.mean()), "dense_s": dense * m.first_dense_layers,
-            "moe_s": moe_time, "head_s": head, "mb": mb,
+            "routed": routed, "expert_t": expert_t, "expert_max": expert_max,
+            "attn_s": attn_stage * mb, "starts": starts + dense * m.first_dense_layers,
+            "tokens_max": float(tokens.max()), "tokens_mean": float(tokens.mean()),
+            "dense_s": dense * m.first_dense_layers, "moe_s": moe_time, "head_s": head, "mb": mb,
         }
         return step, info
 
+    def _expected_experts(self, routed: StepRouting) -> np.ndarray:
+        """Expert times of an expected (counts) step, kept with its (memoised) routing."""
+        if routed.expert_t is None:
+            routed.expert_t = self.costs.experts(routed.slot_load, self.layout.num_gpus,
+                                                 routed.active)
+        return routed.expert_t
+
+    STEP_COLUMNS = ("step", "start_s", "duration_s", "decode_tokens", "prefill_tokens",
+                    "running", "waiting", "tokens_max_group", "tokens_mean_group", "dense_s",
+                    "moe_s", "lm_head_s")
+
     def _record(self, index: int, t0: float, dt: float, batch: Batch, info: dict) -> None:
-        r = info["routed"]
-        mb = info["mb"]
-        self.steps.append({
-            "step": index, "start_s": t0, "duration_s": dt,
-            "decode_tokens": batch.num_decode, "prefill_tokens": batch.num_prefill,
-            "running": int(len(self.scheduler.running)), "waiting": int(len(self.scheduler.waiting)),
-            "tokens_max_group": info["tokens_max"], "tokens_mean_group": info["tokens_mean"],
-            "dense_s": info["dense_s"], "moe_s": info["moe_s"], "lm_head_s": info["head_s"],
-            "dispatch_s": float(r.dispatch_s.sum()) * mb, "combine_s": float(r.combine_s.sum()) * mb,
-            "experts_s": float(info["expert_t"].max(axis=1).sum()) * mb,
-            "sent_bytes": float(r.sent_bytes.sum()) * mb, "recv_bytes": float(r.recv_bytes.sum()) * mb,
-            "pairs": float(r.slot_load.sum()) * mb,
-        })
-        lay = self.layers
-        lay["attention_s"].append(info["attn_s"])
-        lay["dispatch_s"].append(r.dispatch_s * mb)
-        lay["combine_s"].append(r.combine_s * mb)
-        lay["experts_max_s"].append(info["expert_t"].max(axis=1) * mb)
-        lay["experts_mean_s"].append(info["expert_t"].mean(axis=1) * mb)
-        lay["sent_bytes"].append(r.sent_bytes * mb)
-        lay["recv_bytes"].append(r.recv_bytes * mb)
-        lay["load_max"].append(r.gpu_load.max(axis=1) * mb)
-        lay["load_mean"].append(r.gpu_load.mean(axis=1) * mb)
-        lay["start_s"].append(t0 + info["starts"][:-1])
-        self.bottlenecks.append(r.bottleneck)
+        """Keep references to the step's results; the tables are built once, at the end."""
+        s = self.scheduler
+        self.steps.append((index, t0, dt, batch.num_decode, batch.num_prefill, len(s.running),
+                           len(s.waiting), info["tokens_max"], info["tokens_mean"],
+                           info["dense_s"], info["moe_s"], info["head_s"]))
+        r, mb = info["routed"], info["mb"]
+        e_max, e_mean = r.expert_stats[:2]
+        self._log.append((r, mb, info["attn_s"][0], e_max, e_mean, t0 + info["starts"][:-1]))
         if self.record_gpu:
             self.gpu_loads.append((r.gpu_load * mb).astype(np.float32))
             self.gpu_expert_s.append(info["expert_t"] * mb)
+
+    def layer_columns(self) -> dict[str, np.ndarray | list]:
+        """Per step and MoE layer ``[steps, L]`` arrays (times and loads for the whole step,
+        both micro-batches), and the bottleneck names (flat list, step-major)."""
+        L = self.model.moe_layers
+        if not self._log:
+            return {}
+        mb = np.array([e[1] for e in self._log], dtype=float)[:, None]
+        loads: dict[int, tuple] = {}
+        for e in self._log:
+            r = e[0]
+            if id(r) not in loads:
+                loads[id(r)] = (r.gpu_load.max(axis=1), r.gpu_load.mean(axis=1))
+        cols = {
+            "attention_s": np.repeat(np.array([e[2] for e in self._log])[:, None], L, axis=1),
+            "dispatch_s": np.stack([e[0].dispatch_s for e in self._log]) * mb,
+            "experts_max_s": np.stack([e[3] for e in self._log]) * mb,
+            "experts_mean_s": np.stack([e[4] for e in self._log]) * mb,
+            "combine_s": np.stack([e[0].combine_s for e in self._log]) * mb,
+            "sent_bytes": np.stack([e[0].sent_bytes for e in self._log]) * mb,
+            "recv_bytes": np.stack([e[0].recv_bytes for e in self._log]) * mb,
+            "load_max": np.stack([loads[id(e[0])][0] for e in self._log]) * mb,
+            "load_mean": np.stack([loads[id(e[0])][1] for e in self._log]) * mb,
+            "start_s": np.stack([e[5] for e in self._log]),
+        }
+        cols["bottleneck"] = [b for e in self._log for b in e[0].bottleneck]
+        return cols
+
+    def step_table(self, layers: dict):
+        """The ``steps`` DataFrame: the step records plus per-step sums of the layer columns."""
+        import pandas as pd
+
+        steps = pd.DataFrame.from_records(self.steps, columns=self.STEP_COLUMNS)
+        if layers:
+            for key in ("dispatch_s", "combine_s", "sent_bytes", "recv_bytes"):
+                steps[key] = layers[key].sum(axis=1)
+            steps["experts_s"] = layers["experts_max_s"].sum(axis=1)
+            steps["pairs"] = layers["load_mean"].sum(axis=1) * self.layout.num_gpus
+        return steps
 
     # ----- the SimPy process ---------------------------------------------------------------------
     def _serve(self, env, progress):
@@ -739,7 +838,15 @@ def build(scenario: Scenario, trace: str | None = None) -> Simulation:
     sv = scenario.serving
     scheduler = Scheduler(workload, layout.num_groups, sv.max_tokens_per_step, sv.max_running,
                           kv_capacity, sv.chunked_prefill, sv.role)
-    costs = ComputeCosts(model, cluster.gpu, layout.tp)
+    table = None
+    if scenario.execution.cost_table:
+        from moesim.cost import CostTable
+
+        try:
+            table = CostTable.from_csv(scenario.path(scenario.execution.cost_table))
+        except MoesimError as exc:
+            raise ScenarioError(f"execution.cost_table: {exc}") from None
+    costs = StepCosts(model, cluster.gpu, layout.tp, table)
     try:
         router = Router(model, layout, cluster, routing, scenario.execution.dispatcher, model.hidden)
     except MoesimError as exc:

@@ -64,8 +64,9 @@ class Results:
         requests["e2e_s"] = requests.finish_s - requests.arrival_s
         decode_gaps = (requests.output_tokens - 1).where(requests.output_tokens > 1)
         requests["tpot_s"] = (requests.finish_s - requests.first_token_s) / decode_gaps
-        steps = pd.DataFrame(sim.steps)
-        layers = _layer_frame(sim)
+        cols = sim.layer_columns()
+        steps = sim.step_table(cols)
+        layers = _layer_frame(cols)
         gpu = None
         if sim.record_gpu and sim.gpu_loads:
             arr = np.stack(sim.gpu_loads)  # [steps, L, G]
@@ -97,16 +98,18 @@ class Results:
         return len(events)
 
 
-def _layer_frame(sim) -> pd.DataFrame:
-    lay = sim.layers
-    if not lay["dispatch_s"]:
-        return pd.DataFrame(columns=["step", "layer", *lay])
-    stacked = {k: np.stack(v) for k, v in lay.items()}
-    S, L = stacked["dispatch_s"].shape
+LAYER_COLUMNS = ("attention_s", "dispatch_s", "experts_max_s", "experts_mean_s", "combine_s",
+                 "sent_bytes", "recv_bytes", "load_max", "load_mean", "start_s")
+
+
+def _layer_frame(cols: dict) -> pd.DataFrame:
+    if not cols:
+        return pd.DataFrame(columns=["step", "layer", *LAYER_COLUMNS, "bottleneck"])
+    S, L = cols["dispatch_s"].shape
     frame = pd.DataFrame({"step": np.repeat(np.arange(S), L), "layer": np.tile(np.arange(L), S)})
-    for key, arr in stacked.items():
-        frame[key] = arr.ravel()
-    frame["bottleneck"] = [b for row in sim.bottlenecks for b in row]
+    for key in LAYER_COLUMNS:
+        frame[key] = cols[key].ravel()
+    frame["bottleneck"] = cols["bottleneck"]
     return frame
 
 

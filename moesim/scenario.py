@@ -61,6 +61,9 @@ class ExecutionSection(_Section):
     overlap: Literal["off", "two-microbatch"] = "off"
     # fixed per-step cost outside the layers: sampling, scheduling, kernel launches (seconds)
     step_overhead_s: float = Field(0.0, ge=0)
+    # measured operation times (CSV: operation, shape, dtype, tokens, seconds; moesim.cost)
+    # overriding the roofline where they cover an operation
+    cost_table: str | None = None
 
 
 class LengthSection(_Section):

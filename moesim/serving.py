@@ -67,18 +67,28 @@ class Batch:
 
 def grouped_exclusive_cumsum(groups: np.ndarray, values: np.ndarray, num_groups: int) -> np.ndarray:
     """For items in order, the sum of ``values`` of earlier items of the same group."""
-    if len(values) == 0:
-        return np.zeros(0, dtype=values.dtype)
-    order = np.argsort(groups, kind="stable")
-    v = values[order]
-    cum = np.cumsum(v)
-    excl = cum - v
-    g = groups[order]
-    first = np.searchsorted(g, np.arange(num_groups))  # index of each group's first item
-    base = excl[np.minimum(first, len(v) - 1)]
-    out = np.empty_like(excl)
-    out[order] = excl - base[g]
-    return out
+    return Grouping(groups, num_groups).exclusive_cumsum(values)
+
+
+class Grouping:
+    """Items in order with a group each; sorts them by group once for several running sums."""
+
+    def __init__(self, groups: np.ndarray, num_groups: int):
+        self.order = np.argsort(groups, kind="stable")
+        g = groups[self.order]
+        first = np.searchsorted(g, np.arange(num_groups))  # index of each group's first item
+        self.first_of_item = first[g]
+
+    def exclusive_cumsum(self, values: np.ndarray) -> np.ndarray:
+        """For each item, the sum of ``values`` of earlier items of its group."""
+        if len(values) == 0:
+            return np.zeros(0, dtype=values.dtype)
+        v = values[self.order]
+        cum = np.cumsum(v)
+        excl = cum - v
+        out = np.empty_like(excl)
+        out[self.order] = excl - excl[self.first_of_item]
+        return out
 
 
 class Scheduler:
@@ -238,16 +248,17 @@ class Scheduler:
         n_run = np.bincount(self.group[run], minlength=G)
         kv_used = np.bincount(self.group[run], weights=self._reserved(run), minlength=G)
         kv_need = self._reserved(cand)
-        count_ok = grouped_exclusive_cumsum(g, np.ones_like(cand), G) + 1 <= (self.max_running - n_run)[g]
-        kv_ok = grouped_exclusive_cumsum(g, kv_need, G) + kv_need <= (self.kv_capacity - kv_used)[g]
-        spent = grouped_exclusive_cumsum(g, cost, G)
+        by_group = Grouping(g, G)
+        count_ok = by_group.exclusive_cumsum(np.ones_like(cand)) + 1 <= (self.max_running - n_run)[g]
+        kv_ok = by_group.exclusive_cumsum(kv_need) + kv_need <= (self.kv_capacity - kv_used)[g]
+        spent = by_group.exclusive_cumsum(cost)
         if self.chunked:
             budget_ok = spent < budget[g]
         else:
             budget_ok = spent + cost <= budget[g]
         ok = count_ok & kv_ok & budget_ok
         # first come first served: nothing behind a request that cannot be admitted
-        blocked = grouped_exclusive_cumsum(g, (~ok).astype(np.int64), G)
+        blocked = by_group.exclusive_cumsum((~ok).astype(np.int64))
         ok &= blocked == 0
         if not ok.any():
             return _EMPTY, _EMPTY, budget

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from moesim import comm
 from moesim.engine import Router, build, layer_schedule, simulate
+from moesim.errors import MoesimError
 from moesim.hardware import get_cluster
 from moesim.model import BYTES_PER_PARAM, get_model
 from moesim.routing import TraceReplay
@@ -57,49 +58,115 @@ def test_layer_schedule_with_two_microbatches_by_hand():
     assert starts[-1] + drain <= serial[-1]
 
 
-# ----- the batched pair dispatchers agree with moesim.comm --------------------------------------
-@pytest.mark.parametrize("name", ["flat", "deepep-ll"])
-@pytest.mark.parametrize("nodes", [1, 2])
-def test_batched_pair_comm_matches_moesim_comm(name, nodes):
-    cluster = get_cluster("h800-ib", num_nodes=nodes)
-    G, E, K, L = cluster.num_gpus, 32, 4, 3
-    rng = np.random.default_rng(nodes)
-    src = rng.integers(0, G, 300)
-    experts = np.stack([np.argsort(rng.random((300, E)) ** (1 + i), axis=1)[:, :K]
-                        for i in range(L)], axis=1)  # [n, L, K], skewed differently per layer
-    model = get_model("mixtral-8x7b", num_layers=L, num_experts=E, top_k=K)
-    sc = scenario_from_dict(tiny(**{"execution.dispatcher": name}))
-    from moesim.engine import Layout, contiguous_slots
+# ----- the router agrees with moesim.comm layer by layer ------------------------------------------
+def _router(model, cluster, phy2log, experts, dispatcher):
+    from moesim.engine import Layout
 
-    layout = Layout(G, cluster.gpus_per_node, 1, contiguous_slots(L, E, G))
-    routing = type("R", (), {"kind": "trace"})()
-    router = Router(model, layout, cluster, routing, name, model.hidden)
-    out = router.route_tokens(experts.astype(np.int16), src)
+    layout = Layout(cluster.num_gpus, cluster.gpus_per_node, 1, phy2log)
+    n = len(experts)
+    replay = TraceReplay(experts.astype(np.int16), np.array([0]), np.array([n]), np.array([0]),
+                         np.array([0]))
+    return Router(model, layout, cluster, replay, dispatcher, model.hidden)
+
+
+@pytest.mark.parametrize("name", ["flat", "deepep-ll", "deepep-normal"])
+@pytest.mark.parametrize("nodes", [1, 2])
+@pytest.mark.parametrize("replicas", [False, True])
+def test_router_matches_moesim_comm_layer_by_layer(name, nodes, replicas):
+    """Trace rows -> slots -> all-layers comm = moesim.comm's dispatcher run on each layer."""
+    from moesim.engine import contiguous_slots
+
+    cluster = get_cluster("h800-ib", num_nodes=nodes)
+    G, E, K, L, n = cluster.num_gpus, 32, 4, 3, 300
+    rng = np.random.default_rng(nodes)
+    src = rng.integers(0, G, n)
+    experts = np.stack([np.argsort(rng.random((n, E)) ** (1 + i), axis=1)[:, :K]
+                        for i in range(L)], axis=1)  # [n, L, K], skewed differently per layer
+    experts[5, 1, 2] = -1  # a dropped slot
+    model = get_model("mixtral-8x7b", num_layers=L, num_experts=E, top_k=K)
+    phy = contiguous_slots(L, E, G)
+    if replicas:  # one more slot per GPU: experts 0..G-1 get a second replica (reversed)
+        extra = np.tile(np.arange(G)[::-1], (L, 1))
+        phy = np.concatenate([phy.reshape(L, G, -1), extra[:, :, None]], axis=2).reshape(L, -1)
+    router = _router(model, cluster, phy, experts, name)
+    req = rng.integers(0, 40, n)  # requests replaying the rows
+    out = router.route_tokens(np.arange(n), src, req=req)
+    token_index = np.arange(n) + req % router.C  # the router's replica rule
     for layer in range(L):
-        res = comm.layer_comm(cluster, hidden=model.hidden, dispatcher=name,
-                              placement=router.placements[layer], src_gpu=src,
-                              expert_ids=experts[:, layer], dispatch_dtype="bf16")
+        plan = comm.Placement.from_slots(phy[layer], G, E, selection="round-robin")
+        counts = comm.counts_from_tokens(src, experts[:, layer], plan, cluster,
+                                         token_index=token_index)
+        res = comm.layer_comm(cluster, hidden=model.hidden, dispatcher=name, counts=counts)
         assert out.dispatch_s[layer] == pytest.approx(res.dispatch_s, rel=1e-12)
         assert out.combine_s[layer] == pytest.approx(res.combine_s, rel=1e-12)
         assert out.sent_bytes[layer] == pytest.approx(res.send_bytes.sum(), rel=1e-12)
         assert out.recv_bytes[layer] == pytest.approx(res.recv_bytes.sum(), rel=1e-12)
-    assert sc.execution.dispatcher == name
-    # loads: every (token, expert) pair lands on exactly one slot
-    assert out.slot_load.sum() == 300 * L * K
+        assert out.gpu_load[layer].tolist() == counts.expert_load().tolist()
+    # loads: every valid (token, expert) pair lands on exactly one slot
+    assert out.slot_load.sum() == n * L * K - 1
+
+
+def test_repeated_rows_are_counted_once_with_their_multiplicity():
+    """More tokens than trace rows (deepep-ll): the weighted path gives the direct loads."""
+    cluster = get_cluster("h800-ib", num_nodes=2)
+    from moesim.engine import contiguous_slots
+
+    model = get_model("mixtral-8x7b", num_layers=2, num_experts=32, top_k=4)
+    rng = np.random.default_rng(3)
+    experts = np.stack([np.argsort(rng.random((20, 32)), axis=1)[:, :4] for _ in range(2)], 1)
+    router = _router(model, cluster, contiguous_slots(2, 32, 16), experts, "deepep-ll")
+    rows = rng.integers(0, 20, 500)  # 500 tokens replaying 20 rows
+    src = rng.integers(0, 16, 500)
+    weighted = router.route_tokens(rows, src)
+    want = np.zeros((2, 32))
+    for layer in range(2):
+        np.add.at(want[layer], experts[rows, layer].ravel(), 1)
+    assert weighted.slot_load.tolist() == want.tolist()
+
+
+# ----- the cost model's array forms ---------------------------------------------------------------
+def test_engine_costs_are_the_cost_models_scalar_calls():
+    """What the engine asks of moesim.cost per group / per GPU equals the scalar calls."""
+    from moesim.cost import CostModel
+
+    cm = CostModel(get_cluster("h800-ib").gpu)
+    for name in ("deepseek-v3", "mixtral-8x7b"):
+        m = get_model(name)
+        groups = [([1] * 8, [700] * 8), ([1, 1, 1], [5, 90, 4000]), ([1, 300], [2000, 0])]
+        tot = [sum(n) for n, _ in groups]
+        pairs = [sum(a * c + a * (a + 1) / 2 for a, c in zip(n, ctx, strict=True))
+                 for n, ctx in groups]
+        kv = [sum(a + c for a, c in zip(n, ctx, strict=True)) for n, ctx in groups]
+        dec = [all(a == 1 for a in n) for n, _ in groups]
+        many = cm.attention_times(m, tot, pairs, kv, dec)
+        for i, (n, ctx) in enumerate(groups):
+            assert many[i] == pytest.approx(cm.attention_time(m, n, ctx), rel=1e-12)
+        load = np.array([[[0, 1, 70, 3], [0, 0, 0, 0]], [[4096, 0, 0, 1], [2, 2, 2, 2]]])
+        gg = cm.grouped_gemm_times(m, load)
+        for idx in np.ndindex(2, 2):
+            assert gg[idx] == cm.grouped_gemm_time(m, load[idx])
 
 
 # ----- golden timings ---------------------------------------------------------------------------
-def test_golden_single_token_decode_step_by_hand():
-    """One request on one GPU: a decode step's time from first principles."""
+def test_golden_single_token_decode_step_by_hand(tmp_path):
+    """One request on one GPU: a decode step's time from the cost model's formulas by hand."""
+    experts = np.tile(np.array([[0, 1], [2, 5]]), (8, 1, 1))  # [8 tokens, 2 layers, top-2]
+    trace = Trace.from_arrays(experts.astype(np.int16), np.full((8, 2, 2), 0.5, np.float32),
+                              seq_lens=[8], phase="prefill", num_experts=8, model="mixtral-8x7b")
+    path = trace.write(tmp_path / "t.parquet")
     sc = scenario_from_dict(tiny(**{
         "cluster": {"preset": "h100-ib", "num_nodes": 1, "gpus_per_node": 1},
         "parallelism": {"ep": 1}, "memory": {"kv_capacity_tokens": 4096},
         "workload": {"arrival": "burst", "num_requests": 1, "prompt_tokens": 5, "output_tokens": 2},
+        "routing": {"source": "trace", "trace": str(path)},
     }))
     sim = build(sc)
     dev = sim.cluster.gpu
     m = get_model("mixtral-8x7b", num_layers=2)
+    H, F, V, E = m.hidden, m.moe_intermediate, m.vocab, m.num_experts
     bw = dev.memory.read_bw * dev.memory_efficiency
+    rate = dev.peak_flops("bf16") * dev.compute_efficiency
+    eff1 = 1 / dev.gemm_tile_m  # one row of a 64-row GEMM tile does useful work
     launch = dev.kernel_overhead
     s = sim.scheduler
     s.arrive_until(0.0)
@@ -107,16 +174,46 @@ def test_golden_single_token_decode_step_by_hand():
     batch = s.form_batch(1.0)
     assert batch.num_decode == 1 and batch.num_prefill == 0
     step, _ = sim.step_cost(batch)
-    # decode of one token with 6 tokens of context: every kernel is memory-bound at batch 1
+    # attention of one decode token over 6 cached + new tokens (GQA): projections, scores and
+    # values over 6 pairs, weights + KV + activations read once
     ctx = 6
-    attn = (m.attention_params() * 2 + ctx * m.kv_bytes_per_token() / m.num_layers) / bw + 4 * launch
-    router = m.router_params() * 2 / bw + 4 * launch
-    experts = 2 * m.expert_bytes() / bw + 3 * launch  # 2 experts, each weight read once
-    a2a = 2 * sim.cluster.nvlink.latency  # dispatch + combine: all pairs stay on the GPU
-    head = m.vocab * m.hidden * 2 / bw + launch
-    want = m.num_layers * (attn + router + experts + a2a) + head
+    p_attn = m.attention_params()
+    t_proj = 2 * p_attn / (rate * eff1)
+    t_core = 2 * (2 * m.head_dim) * m.num_heads * ctx / rate
+    t_mem = (p_attn * 2 + ctx * m.kv_bytes_per_token() / m.num_layers + 4 * H * 2) / bw
+    attn = max(t_proj + t_core, t_mem) + 2 * launch
+    # router: [1, H] x [H, 8] GEMM (memory-bound) + top-k over the scores
+    router = max(2 * H * E / (rate * eff1), (E * H * 2 + (H + E) * 2) / bw) + launch \
+        + E * 4 / bw + launch
+    # experts: the token's two experts, one row each, in one grouped GEMM
+    one = max(m.expert_flops_per_token() / (rate * eff1),
+              (m.expert_bytes() + (2 * H + 3 * F) * 2) / bw)
+    experts_t = 2 * one + launch
+    a2a = 2 * sim.cluster.nvlink.latency  # flat dispatch + combine: every pair stays local
+    head = max(2 * V * H / (rate * eff1), (V * H * 2 + (H + V) * 2) / bw) + launch
+    want = m.num_layers * (attn + router + experts_t + a2a) + head
     assert step == pytest.approx(want, rel=1e-9)
     assert BYTES_PER_PARAM[m.expert_dtype] == 2
+
+
+def test_a_measured_cost_table_overrides_the_expert_roofline(tmp_path):
+    """execution.cost_table: a measured expert_ffn curve sets the grouped-GEMM time."""
+    m = get_model("mixtral-8x7b")
+    table = tmp_path / "costs.csv"
+    table.write_text("operation,shape,dtype,tokens,seconds\n"
+                     f"expert_ffn,{m.hidden}x{m.moe_intermediate},bf16,1,0.001\n"
+                     f"expert_ffn,{m.hidden}x{m.moe_intermediate},bf16,64,0.002\n")
+    timed = build(scenario_from_dict(tiny(**{"execution.cost_table": str(table)})))
+    plain = build(scenario_from_dict(tiny()))
+    load = np.zeros((2, 8))
+    load[0, [0, 5]] = [1, 64]  # GPU 0 (slots 0-3): one row; GPU 1 (slots 4-7): 64 rows
+    got = timed.costs.experts(load, 2)
+    launch = timed.cluster.gpu.kernel_overhead
+    assert got[0].tolist() == pytest.approx([0.001 + launch, 0.002 + launch])
+    assert got[1].tolist() == [0.0, 0.0]
+    assert plain.costs.experts(load, 2)[0, 0] < 0.0005  # the roofline is far below 1 ms
+    with pytest.raises(MoesimError, match="cost_table"):
+        build(scenario_from_dict(tiny(**{"execution.cost_table": str(tmp_path / "no.csv")})))
 
 
 def test_golden_latencies_with_a_fixed_step_time(monkeypatch):
