@@ -94,6 +94,8 @@ class Grouping:
 class Scheduler:
     """Continuous batching over ``num_groups`` attention groups (see the module docstring)."""
 
+    QUEUE_HEAD_MIN = 64  # smallest queue prefix admission looks at (a fixed cost below it)
+
     def __init__(self, workload: Workload, num_groups: int, max_tokens_per_step: int,
                  max_running: int, kv_capacity_tokens: int, chunked_prefill: bool = True,
                  role: str = "colocated"):
@@ -237,15 +239,28 @@ class Scheduler:
             chunk = np.where(blocked > 0, 0, chunk)
         return chunk, budget - np.bincount(g, weights=chunk, minlength=self.num_groups).astype(np.int64)
 
+    def _queue_head(self, free: np.ndarray) -> int:
+        """Length of the shortest queue prefix holding each group's first ``free[g]`` waiting
+        requests (or the whole queue): nobody behind them can be admitted this step."""
+        W = len(self.waiting)
+        P = min(W, max(2 * int(free.sum()), self.QUEUE_HEAD_MIN))
+        while P < W:
+            have = np.bincount(self.group[self.waiting[:P]], minlength=self.num_groups)
+            if (have >= free).all():
+                break
+            P = min(W, 2 * P)
+        return P
+
     def _admit(self, run: np.ndarray, budget: np.ndarray, now: float):
         G = self.num_groups
-        cand = self.waiting
+        n_run = np.bincount(self.group[run], minlength=G)
+        head = self._queue_head(np.maximum(self.max_running - n_run, 0))
+        cand, rest = self.waiting[:head], self.waiting[head:]
         g = self.group[cand]
         rem = self.target[cand] - self.prefilled[cand]
         if not self.chunked:  # a recompute pass longer than the whole budget is still split
             rem = np.minimum(rem, self.max_tokens)
         cost = np.maximum(rem, 1)  # a request arriving with its KV (decode role) decodes at once
-        n_run = np.bincount(self.group[run], minlength=G)
         kv_used = np.bincount(self.group[run], weights=self._reserved(run), minlength=G)
         kv_need = self._reserved(cand)
         by_group = Grouping(g, G)
@@ -263,7 +278,7 @@ class Scheduler:
         if not ok.any():
             return _EMPTY, _EMPTY, budget
         adm = cand[ok]
-        self.waiting = cand[~ok]
+        self.waiting = np.concatenate([cand[~ok], rest]) if len(rest) else cand[~ok]
         self.state[adm] = RUNNING
         first_admission = adm[np.isnan(self.admitted_s[adm])]
         self.admitted_s[first_admission] = now

@@ -151,3 +151,33 @@ def test_scheduler_invariants_on_random_workloads(n, groups, budget, chunked, se
     regenerated = int((s.target - s.prompt).sum())
     assert s.prefill_tokens == prompts.sum() + s.recompute_tokens + regenerated
     assert (s.first_token_s <= s.finish_s).all() and (s.first_token_s > arrivals).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 120),
+    groups=st.integers(1, 5),
+    max_running=st.integers(1, 6),
+    budget=st.integers(4, 64),
+    kv=st.integers(200, 900),
+    chunked=st.booleans(),
+    role=st.sampled_from(["colocated", "decode"]),
+    seed=st.integers(0, 10_000),
+)
+def test_admission_from_a_queue_prefix_equals_scanning_the_whole_queue(
+        n, groups, max_running, budget, kv, chunked, role, seed):
+    """The scheduler looks only at each group's first free-slot-many waiting requests; the
+    batches are the same as when it scans the whole queue."""
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(1, 40, n) if chunked or role == "decode" else rng.integers(1, budget, n)
+    outputs = rng.integers(1, 30, n)
+    arrivals = np.sort(rng.exponential(0.5, n).cumsum() * rng.integers(0, 2))
+
+    def batches(scan_all: bool):
+        s = Scheduler(wl(prompts, outputs, arrivals), groups, budget, max_running, kv, chunked, role)
+        s.QUEUE_HEAD_MIN = 1  # make the prefix as short as the rule allows
+        if scan_all:
+            s._queue_head = lambda free: len(s.waiting)
+        return [(b.dec_idx.tolist(), b.pre_idx.tolist(), b.pre_len.tolist()) for b in drive(s)]
+
+    assert batches(False) == batches(True)
