@@ -3,14 +3,16 @@
     python benchmarks/placement_bench.py [--quick] [--out benchmarks/results/placement_bench.json]
 
 1. ESFT (DeepSeek-V2-Lite architecture, 64 experts x 26 MoE layers, top-6; ../shared/data) planned
-   on the 'law' task onto 8 GPUs (2 nodes x 4) and 16 GPUs (2 nodes x 8), one replica per expert:
-   every baseline, the ILP on the balance objective (it must never lose to the best baseline on
-   it), and the ILP on cross-node traffic with every layer's max GPU load capped at 1.01 x the
-   best heuristic's (equal balance); then the law plans evaluated on the other three tasks.
+   on the 'law' task onto 8 GPUs (2 nodes x 4), 16 GPUs (2 nodes x 8) and 16 GPUs (4 nodes x 4),
+   one replica per expert: every baseline, the ILP on the balance objective (it must never lose
+   to the best baseline on it), and the ILP on cross-node traffic (token-level objective) with
+   every layer's max GPU load capped at 1.01 x the best heuristic's (equal balance); then the
+   law plans evaluated on the other three tasks (domain shift).
 2. DeepSeek-V3 scale: a synthetic trace from moesim.traces.synth (deepseek-v3 preset: 58 MoE
    layers x 256 experts, top-8, 8 groups with 4 chosen per token; 4096 tokens, seed 0) onto
-   64 GPUs in 8 nodes with 32 redundant replicas: the ILP on balance, whole, under a 120 s hard
-   limit (the per-layer gap must be <= 1 %), and the ILP on cross-node traffic at equal balance.
+   64 GPUs in 8 nodes with 32 redundant replicas: a check that every token's experts lie in at
+   most 4 groups, the ILP on balance, whole, under a 120 s hard limit (the per-layer gap must be
+   <= 1 %), and the ILP on cross-node traffic at equal balance.
 """
 
 from __future__ import annotations
@@ -89,20 +91,30 @@ def compare(problem, trace, objective, time_limit, mip_gap, label):
     return rows, plans, verdict
 
 
-def traffic_verdict(rows, reference="eplb"):
+def traffic_verdict(rows, reference="eplb", plan=None):
     ref = next(r for r in rows if r["plan"] == reference)
     ilp = next(r for r in rows if r["plan"] == "ilp")
     cut = 1 - ilp["cross_node_tokens"] / ref["cross_node_tokens"]
     worse = ilp["max_mean_load"] / ref["max_mean_load"] - 1
     out = {"reference": reference, "cross_node_cut": round(cut, 4), "balance_vs_reference": round(worse, 4),
            "equal_balance": worse <= 0.01, "cut_at_least_20pct": cut >= 0.20}
+    if plan is not None:  # how the ILP got there: warm starts, whole-layer gap, node-fixed gap
+        gaps = [g for g in plan.gap if g is not None]
+        polish = [g for g in (plan.polish_gap or []) if g is not None]
+        out.update({"warm_starts": next((n for n in plan.notes if n.startswith("warm starts")), None),
+                    "max_layer_gap": round(max(gaps), 4) if gaps else None,
+                    "node_fixed_layers": len(polish),
+                    "node_fixed_max_gap": float(f"{max(polish):.3g}") if polish else None})
+        print(f"  {out['warm_starts']}; whole-layer gap (bound: one node per token) up to "
+              f"{out['max_layer_gap']}; node-fixed balance MILP on {len(polish)} layers, largest gap "
+              f"{out['node_fixed_max_gap']}")
     print(f"cross-node tokens vs {reference}: {-cut:+.1%} at max/mean {worse:+.2%} "
           f"({'equal balance' if out['equal_balance'] else 'NOT equal balance'}; "
           f"{'>= 20 %' if out['cut_at_least_20pct'] else 'below the 20 % target'})")
     return out
 
 
-def esft_section(gpus, nodes, time_limit):
+def esft_section(gpus, nodes, time_limit, traffic_time_limit):
     from moesim.planners.evaluate import evaluate
     from moesim.planners.inputs import Cluster, problem_from_trace
     from moesim.planners.objectives import Objective
@@ -111,18 +123,19 @@ def esft_section(gpus, nodes, time_limit):
     problem = problem_from_trace(trace, Cluster(gpus, nodes))
     label = f"ESFT law, {gpus} GPUs in {nodes} nodes"
     bal_rows, _, bal_verdict = compare(problem, trace, Objective(), time_limit, 1e-3, label + ", balance")
-    traffic = Objective({"balance": 0.01, "cross_node": 1.0}, balance_slack=0.01, max_pairs=2016)
-    tr_rows, plans, tr_verdict = compare(problem, trace, traffic, time_limit, 1e-3, label + ", cross-node")
-    tr_verdict.update(traffic_verdict(tr_rows, "eplb"))
+    traffic = Objective({"balance": 0.01, "cross_node": 1.0}, balance_slack=0.01)
+    tr_rows, plans, tr_verdict = compare(problem, trace, traffic, traffic_time_limit, 1e-3, label + ", cross-node")
+    tr_verdict.update(traffic_verdict(tr_rows, "eplb", plans["ilp"]))
     shift = {}
     for task in ("intent", "summary", "translation"):
         other = esft_trace(task)
         shift[task] = {name: row(name, plans[name], evaluate(plans[name], trace=other))
                        for name in ("eplb", "greedy", "ilp")}
         s = shift[task]
+        s["ilp_cross_node_cut_vs_eplb"] = round(1 - s["ilp"]["cross_node_tokens"] / s["eplb"]["cross_node_tokens"], 4)
         print(f"domain shift law -> {task}: max/mean eplb {s['eplb']['max_mean_load']:.4f}, "
               f"ilp(traffic) {s['ilp']['max_mean_load']:.4f}; cross-node eplb {s['eplb']['cross_node_tokens']}, "
-              f"ilp {s['ilp']['cross_node_tokens']}")
+              f"ilp {s['ilp']['cross_node_tokens']} ({-s['ilp_cross_node_cut_vs_eplb']:+.1%})")
     return {"gpus": gpus, "nodes": nodes, "balance": {"rows": bal_rows, **bal_verdict},
             "cross_node": {"rows": tr_rows, **tr_verdict}, "domain_shift": shift}
 
@@ -137,6 +150,7 @@ def dsv3_section(tokens, time_limit, traffic_time_limit):
     trace = synthesize(get_model("deepseek-v3"), tokens, seed=0)
     problem = problem_from_trace(trace, Cluster(64, 8), num_replicas=256 + 32, num_groups=8)
     print(f"\nsynthetic DeepSeek-V3 trace + statistics: {time.perf_counter() - t0:.1f} s")
+    groups = group_check(trace, 8)
     label = "DeepSeek-V3 scale: 58 x 256 onto 64 GPUs / 8 nodes, +32 redundant"
     bal_rows, plans, bal_verdict = compare(problem, trace, Objective(), time_limit, 0.01, label + ", balance")
     ilp = plans["ilp"]
@@ -148,11 +162,26 @@ def dsv3_section(tokens, time_limit, traffic_time_limit):
     })
     print(f"whole plan in {ilp.solve_s:.1f} s (limit 120 s, status {ilp.status}); largest per-layer gap "
           f"{bal_verdict['max_layer_gap']} over {len(gaps)} layers")
-    traffic = Objective({"balance": 0.01, "cross_node": 1.0}, balance_slack=0.01, max_pairs=2048)
-    tr_rows, _, tr_verdict = compare(problem, trace, traffic, traffic_time_limit, 1e-3, label + ", cross-node")
+    traffic = Objective({"balance": 0.01, "cross_node": 1.0}, balance_slack=0.01)
+    tr_rows, tr_plans, tr_verdict = compare(problem, trace, traffic, traffic_time_limit, 1e-3, label + ", cross-node")
     tr_verdict["vs_eplb"] = traffic_verdict(tr_rows, "eplb")
-    tr_verdict["vs_eplb_global"] = traffic_verdict(tr_rows, "eplb-global")
-    return {"tokens": tokens, "balance": {"rows": bal_rows, **bal_verdict}, "cross_node": {"rows": tr_rows, **tr_verdict}}
+    tr_verdict["vs_eplb_global"] = traffic_verdict(tr_rows, "eplb-global", tr_plans["ilp"])
+    return {"tokens": tokens, "group_limited": groups, "balance": {"rows": bal_rows, **bal_verdict},
+            "cross_node": {"rows": tr_rows, **tr_verdict}}
+
+
+def group_check(trace, num_groups):
+    """Groups each (token, layer) row's experts fall in: group-limited routing keeps it <= 4."""
+    experts = trace.to_arrays()["experts"]  # [T, L, K]
+    group = experts // (trace.meta.num_experts // num_groups)
+    sorted_g = np.sort(group, axis=2)
+    distinct = 1 + (np.diff(sorted_g, axis=2) != 0).sum(axis=2)
+    hist = np.bincount(distinct.ravel(), minlength=num_groups + 1)
+    out = {"max_groups_per_token": int(distinct.max()), "mean_groups_per_token": round(float(distinct.mean()), 4),
+           "rows_by_groups": {int(k): int(v) for k, v in enumerate(hist) if v}}
+    print(f"group-limited check: at most {out['max_groups_per_token']} of {num_groups} groups per token "
+          f"(mean {out['mean_groups_per_token']}; rows by groups {out['rows_by_groups']})")
+    return out
 
 
 def main(argv=None):
@@ -164,13 +193,14 @@ def main(argv=None):
                           "cpus": __import__("os").cpu_count()}}
     t0 = time.perf_counter()
     if DATA.is_dir():
-        result["esft"] = [esft_section(8, 2, 40 if args.quick else 60)]
+        result["esft"] = [esft_section(8, 2, 30 if args.quick else 40, 30 if args.quick else 60)]
         if not args.quick:
-            result["esft"].append(esft_section(16, 2, 60))
+            result["esft"].append(esft_section(16, 2, 40, 60))
+            result["esft"].append(esft_section(16, 4, 40, 60))
     else:
         print(f"ESFT traces not found in {DATA}: skipping that part")
     if not args.quick:
-        result["dsv3"] = dsv3_section(4096, 120, 240)
+        result["dsv3"] = dsv3_section(4096, 120, 150)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     from moesim.fileio import write_json_atomic
 

@@ -2,11 +2,15 @@
 
 Steps per layer (in layer order, because the hops term looks at the layer before):
 1. every applicable heuristic's map for this layer (same-GPU duplicates swapped away when they
-   are not allowed) is scored with the objective; the best one that respects the balance cap is
-   the warm start, and its replica counts are the ILP's;
+   are not allowed) is scored with the objective; with a cross_node term on several nodes the
+   node-first placement (token-level node partition, ``locality.py``) is one more candidate;
+   the best one that respects the balance cap is the warm start, and its replica counts are
+   the ILP's;
 2. the layer's MILP (highspy arrays, or the Pyomo reference) is solved with that start, the valid
-   bounds and a time share;
-3. the ILP's map is kept only if it scores no worse than the start with the same function
+   bounds and a time share; with cross_node it is the token-hypergraph model (``ilp_highs``);
+3. cross_node only: a second MILP fixes each expert's node as found and rebalances the GPUs
+   inside every node (its gap, on that restricted model, is ``polish_gap``);
+4. the ILP's map is kept only if it scores no worse than the start with the same function
    (objectives.layer_terms), so the ILP never loses to the best heuristic on its own objective.
 """
 
@@ -20,7 +24,7 @@ import numpy as np
 
 from moesim.planners.baselines import applicable, repair_duplicates, run_baseline
 from moesim.planners.inputs import PlacementProblem
-from moesim.planners.locality import node_first_layer
+from moesim.planners.locality import node_first_layer, node_of_experts
 from moesim.planners.objectives import (
     Objective,
     balance_bound,
@@ -48,6 +52,10 @@ class LayerResult:
     balance_bound: float
     status: str
     solve_s: float
+    # cross_node: the node-fixed balance MILP (bound and gap within the node assignment)
+    polish_bound: float | None = None
+    polish_gap: float | None = None
+    polish_status: str | None = None
 
 
 def heuristic_maps(problem: PlacementProblem, seed: int = 0) -> dict[str, np.ndarray]:
@@ -115,33 +123,76 @@ def plan_layers(problem: PlacementProblem, objective: Objective, time_limit: flo
         rows[polished[0]] = polished[1]
         scored.append((layer_value(layer_terms(problem, objective, lay, polished[1], prev_row), objective),
                        polished[0]))
-        if objective.weights.get("cross_node", 0) > 0:
-            share_t = max(0.05, (deadline - time.perf_counter()) / (len(layers) - i)) / 2
-            local = node_first_layer(problem, lay, cap, maps[min(scored)[1]][lay] if min(scored)[1] in maps
-                                     else polished[1], objective.max_pairs, share_t, threads, seed)
+        layer_share = max(0.05, (deadline - time.perf_counter()) / (len(layers) - i))
+        hyper = objective.weights.get("cross_node", 0) > 0 and problem.cluster.num_nodes > 1
+        if hyper:
+            best_name = min(scored)[1]
+            local = node_first_layer(problem, lay, cap, rows[best_name], 0.5 * layer_share, seed)
             if local is not None:
-                rows["node-first"] = local
-                scored.append((layer_value(layer_terms(problem, objective, lay, local, prev_row), objective),
+                rows["node-first"] = local[0]
+                scored.append((layer_value(layer_terms(problem, objective, lay, local[0], prev_row), objective),
                                "node-first"))
         warm_value, warm_from = min(scored)
         warm_row = rows[warm_from]
         warm = replicas_per_gpu(warm_row[None], E, P)[0]
-        share = max(0.05, (deadline - time.perf_counter()) / (len(layers) - i))
-        res = solve_layer(problem, objective, lay, warm, prev_row=prev_row, cap=cap, time_limit=share,
-                          mip_gap=mip_gap, threads=threads, seed=seed)
-        order = np.argsort(-(problem.load[lay] / np.maximum(res.per_gpu.sum(axis=1), 1)), kind="stable")
-        row = phy2log_from_counts(res.per_gpu, problem.slots_per_gpu, order)
-        value = layer_value(layer_terms(problem, objective, lay, row, prev_row), objective)
-        if not value <= warm_value + 1e-9 or (cap is not None and max_gpu_load(problem, row[None], lay)[0] > cap * (1 + 1e-9)):
-            row, value = warm_row, warm_value
+        left = max(0.05, t0 + layer_share - time.perf_counter())
+        res = solve_layer(problem, objective, lay, warm, prev_row=prev_row, cap=cap,
+                          time_limit=0.6 * left if hyper else left, mip_gap=mip_gap, threads=threads, seed=seed)
+        row, value = _keep_better(problem, objective, lay, res.per_gpu, warm_row, warm_value, cap, prev_row)
+        fixed = None
+        if hyper and _one_node_each(problem, row):
+            per_gpu = replicas_per_gpu(row[None], E, P)[0]
+            fixed = solve_layer(problem, objective, lay, per_gpu, prev_row=prev_row, cap=cap,
+                                 time_limit=max(0.05, t0 + layer_share - time.perf_counter()), mip_gap=mip_gap,
+                                 threads=threads, seed=seed, fixed_node=node_of_experts(problem, row))
+            row, value = _keep_better(problem, objective, lay, fixed.per_gpu, row, value, cap, prev_row)
         bound = res.bound if np.isfinite(res.bound) else -np.inf
+        if hyper:  # every token reaches at least one node; the MILP's LP bound is rarely better
+            bound = max(bound, _trivial_bound(problem, objective, lay, bounds[lay]))
         bound = min(bound, value)
         gap = (value - bound) / abs(value) if value and np.isfinite(bound) else (0.0 if value == bound else np.inf)
         load_max = max_gpu_load(problem, row[None], lay)[0]
         result = LayerResult(lay, row, value, warm_value, warm_from, bound, float(gap), float(load_max),
                              float(bounds[lay]), res.status, time.perf_counter() - t0)
+        if fixed is not None:
+            pb = min(fixed.bound, value) if np.isfinite(fixed.bound) else None
+            result.polish_bound = pb
+            result.polish_gap = None if pb is None else float((value - pb) / abs(value) if value else 0.0)
+            result.polish_status = fixed.status
         results.append(result)
         if on_layer is not None:
             on_layer(result)
         prev_row = row
     return results
+
+
+def _keep_better(problem, objective, lay, per_gpu, row, value, cap, prev_row):
+    """The MILP's map if it scores no worse than ``row`` (and respects the cap), else ``row``."""
+    order = np.argsort(-(problem.load[lay] / np.maximum(per_gpu.sum(axis=1), 1)), kind="stable")
+    new = phy2log_from_counts(per_gpu, problem.slots_per_gpu, order)
+    new_value = layer_value(layer_terms(problem, objective, lay, new, prev_row), objective)
+    if new_value <= value + 1e-9 and (cap is None or max_gpu_load(problem, new[None], lay)[0] <= cap * (1 + 1e-9)):
+        return new, new_value
+    return row, value
+
+
+def _one_node_each(problem, row) -> bool:
+    """Whether every expert's replicas sit on one node."""
+    c = problem.cluster
+    occupied = row >= 0
+    slot_node = c.node_of()[np.arange(len(row)) // problem.slots_per_gpu]
+    pairs = np.unique(np.stack([row[occupied], slot_node[occupied]]), axis=1)
+    return len(pairs[0]) == len(np.unique(pairs[0]))
+
+
+def _trivial_bound(problem, objective, lay, load_bound) -> float:
+    """A valid lower bound of balance + node_balance + cross_node without solving anything: max
+    load >= max(mean, largest load per replica), node max >= node mean, and every token reaches
+    at least one node (the cross_node term >= 1 - 1/N). -inf with any other term."""
+    wts = objective.weights
+    if any(v > 0 for k, v in wts.items() if k not in ("balance", "node_balance", "cross_node")):
+        return -np.inf
+    total = problem.load[lay].sum()
+    mean = total / problem.cluster.num_gpus if total > 0 else 1.0
+    return (wts.get("balance", 0) * load_bound / mean + wts.get("node_balance", 0)
+            + wts.get("cross_node", 0) * (1 - 1 / problem.cluster.num_nodes))

@@ -6,11 +6,26 @@ replica counts c_e fixed by the warm start and per-replica load W_e = load_e / c
     x[e, g]  in {0, 1} (0..c_e if duplicates are allowed)   replicas of e on GPU g
     z >= max(mean GPU load, max_e W_e)   (valid bounds)     max GPU load, <= cap if given
     zn >= mean node load                                     max node load
-    s[p, m] in [0, 1]                                        pair p's shared share on node m
+    a[e, m]  in {0, 1}                                       e's replicas all on node m (cross_node)
+    y[u, m]  in [0, 1]                                       token set u reaches node m (cross_node)
+    s[p, g] in [0, 1]                                        pair p's shared share on GPU g (cross_gpu)
   s.t.  sum_g x[e, g] = c_e;  sum_e x[e, g] <= slots;  sum_e W_e x[e, g] <= z;
-        sum_{g in m} sum_e W_e x[e, g] <= zn;  s[p, m] <= sum_{g in m} x[e_p, g] / c_{e_p} (both ends)
-  min   balance z / mean + node_balance zn / node mean + cross_node sum_p C_p (1 - sum_m s[p, m]) / T
-        + cross_gpu (same per GPU) + hops (linear in x given layer l-1) + migration (new copies)
+        sum_{g in m} sum_e W_e x[e, g] <= zn;
+        sum_m a[e, m] = 1;  x[e, g] <= ub_x a[e, node(g)];  y[u, m] >= a[e, m] for e in u;
+        s[p, g] <= x[e_p, g] / c_{e_p} (both ends)
+  min   balance z / mean + node_balance zn / node mean
+        + cross_node (1 - 1/N) sum_u w_u sum_m y[u, m] / sum_u w_u
+        + cross_gpu sum_p C_p (1 - sum_g s[p, g]) / T + hops (linear in x given layer l-1)
+        + migration (new copies)
+
+The cross_node rows are the token hypergraph: each distinct expert set u (w_u tokens) is a
+hyperedge, and with every expert's replicas on one node sum_m y[u, m] is exactly the number of
+nodes the token reaches, so the MILP minimises the evaluation's cross-node tokens themselves.
+Keeping an expert's replicas on one node is part of this model (as hierarchical EPLB does): its
+bound is a bound over such plans. Its LP relaxation is weak (a = 1/N, y = 1/N gives one node
+per token), so the bound is far below the incumbent; the incumbent comes from the token-level
+partition search (``partition.py``) given as the MIP start. With ``fixed_node`` (each expert's
+node fixed) the cross_node term is a constant and the model balances GPUs inside each node.
 """
 
 from __future__ import annotations
@@ -46,10 +61,11 @@ class LayerModel:
     n_x: int
     col_z: int
     col_zn: int | None
-    pairs_node: tuple | None
     pairs_gpu: tuple | None
-    col_s_node: int
     col_s_gpu: int
+    col_a: int | None  # E x N node-choice columns (cross_node), then U x N token-set columns
+    col_y: int | None
+    sets: tuple | None
 
 
 def hop_cost(problem: PlacementProblem, layer: int, prev_row: np.ndarray | None, counts: np.ndarray):
@@ -67,7 +83,8 @@ def hop_cost(problem: PlacementProblem, layer: int, prev_row: np.ndarray | None,
 
 
 def build_layer(problem: PlacementProblem, objective: Objective, layer: int, counts: np.ndarray,
-                prev_row: np.ndarray | None = None, cap: float | None = None) -> LayerModel:
+                prev_row: np.ndarray | None = None, cap: float | None = None,
+                fixed_node: np.ndarray | None = None) -> LayerModel:
     c = problem.cluster
     E, P, N, S = problem.num_experts, c.num_gpus, c.num_nodes, problem.slots_per_gpu
     node_of = c.node_of()
@@ -83,11 +100,14 @@ def build_layer(problem: PlacementProblem, objective: Objective, layer: int, cou
     if wts.get("node_balance", 0) > 0:
         col_zn, ncol = ncol, ncol + 1
     tokens = max(problem.stats.tokens[layer], 1) if problem.stats is not None else 1
-    pairs_node = traffic_pairs(problem, layer, objective.max_pairs) if wts.get("cross_node", 0) > 0 else None
+    hyper = wts.get("cross_node", 0) > 0 and fixed_node is None
+    col_a = col_y = sets = None
+    if hyper:
+        sets = problem.stats.token_sets[layer]
+        col_a = ncol
+        col_y = col_a + E * N
+        ncol = col_y + len(sets[0]) * N
     pairs_gpu = traffic_pairs(problem, layer, objective.max_pairs) if wts.get("cross_gpu", 0) > 0 else None
-    col_s_node = ncol
-    if pairs_node is not None:
-        ncol += len(pairs_node[0]) * N
     col_s_gpu = ncol
     if pairs_gpu is not None:
         ncol += len(pairs_gpu[0]) * P
@@ -96,8 +116,16 @@ def build_layer(problem: PlacementProblem, objective: Objective, layer: int, cou
     offset = 0.0
     lower = np.zeros(ncol)
     upper = np.ones(ncol)
-    if problem.allow_duplicates:
-        upper[:n_x] = np.minimum(counts, S).repeat(P)
+    x_ub = np.minimum(counts, S).repeat(P) if problem.allow_duplicates else np.ones(n_x)
+    upper[:n_x] = x_ub
+    if fixed_node is not None:  # replicas only on the expert's own node
+        upper[:n_x] = np.where((node_of[None, :] == np.asarray(fixed_node)[:, None]).ravel(), x_ub, 0)
+        if wts.get("cross_node", 0) > 0:
+            from moesim.planners.objectives import cross_node_per_token
+
+            f_node = np.zeros((E, N))
+            f_node[np.arange(E), fixed_node] = 1.0
+            offset += wts["cross_node"] * cross_node_per_token(problem, layer, f_node)
     mean = total / P if total > 0 else 1.0
     lower[col_z] = max(total / P, W.max())
     upper[col_z] = np.inf if cap is None else max(cap, lower[col_z])
@@ -118,20 +146,22 @@ def build_layer(problem: PlacementProblem, objective: Objective, layer: int, cou
         for m in range(N):
             gs = np.flatnonzero(node_of == m)
             rows.append((-np.inf, 0.0, np.r_[x[:, gs].ravel(), col_zn], np.r_[np.repeat(W, len(gs)), -1.0]))
-    for pairs, col0, groups, term in ((pairs_node, col_s_node, [np.flatnonzero(node_of == m) for m in range(N)], "cross_node"),
-                                      (pairs_gpu, col_s_gpu, [np.array([g]) for g in range(P)], "cross_gpu")):
-        if pairs is None:
-            continue
-        pe, pf, co = pairs
-        nb = len(groups)
-        weight = wts[term] / tokens
+    if pairs_gpu is not None:
+        pe, pf, co = pairs_gpu
+        weight = wts["cross_gpu"] / tokens
         offset += weight * co.sum()
         for p in range(len(pe)):
-            for b, gs in enumerate(groups):
-                col = col0 + p * nb + b
+            for g in range(P):
+                col = col_s_gpu + p * P + g
                 cost[col] = -weight * co[p]
                 for e in (pe[p], pf[p]):
-                    rows.append((-np.inf, 0.0, np.r_[col, x[e, gs]], np.r_[1.0, np.full(len(gs), -1.0 / counts[e])]))
+                    rows.append((-np.inf, 0.0, np.r_[col, x[e, g]], np.r_[1.0, -1.0 / counts[e]]))
+    blocks = [_rows_block(rows)]
+    if hyper:
+        blocks.append(_hyper_block(sets, E, N, node_of, x, x_ub.reshape(E, P), col_a, col_y))
+        u_sets, u_weight = sets
+        cost[col_y:col_y + len(u_sets) * N] = (wts["cross_node"] * (1 - 1 / N) / u_weight.sum()
+                                                * np.repeat(u_weight, N))
     if wts.get("hops", 0) > 0:
         coef, const = hop_cost(problem, layer, prev_row, counts)
         cost[:n_x] += wts["hops"] * coef.ravel()
@@ -140,18 +170,55 @@ def build_layer(problem: PlacementProblem, objective: Objective, layer: int, cou
         fresh = (problem.previous_counts()[layer] == 0).astype(float)
         cost[:n_x] += wts["migration"] * fresh.ravel() / problem.num_replicas
 
-    lens = np.array([len(r[2]) for r in rows])
-    starts = np.r_[0, np.cumsum(lens)[:-1]]
+    integer = np.arange(n_x) if col_a is None else np.r_[np.arange(n_x), col_a + np.arange(E * N)]
+    row_lo, row_hi, starts, index, value = _concat_blocks(blocks)
     return LayerModel(
-        num_cols=ncol, cost=cost, offset=offset, lower=lower, upper=upper,
-        integer=np.arange(n_x),
-        row_lo=np.array([r[0] for r in rows], float), row_hi=np.array([r[1] for r in rows], float),
-        starts=starts.astype(np.int32),
-        index=np.concatenate([np.asarray(r[2]) for r in rows]).astype(np.int32),
-        value=np.concatenate([np.asarray(r[3], float) for r in rows]),
-        n_x=n_x, col_z=col_z, col_zn=col_zn, pairs_node=pairs_node, pairs_gpu=pairs_gpu,
-        col_s_node=col_s_node, col_s_gpu=col_s_gpu,
+        num_cols=ncol, cost=cost, offset=offset, lower=lower, upper=upper, integer=integer,
+        row_lo=row_lo, row_hi=row_hi, starts=starts, index=index, value=value,
+        n_x=n_x, col_z=col_z, col_zn=col_zn, pairs_gpu=pairs_gpu, col_s_gpu=col_s_gpu,
+        col_a=col_a, col_y=col_y, sets=sets,
     )
+
+
+def _rows_block(rows):
+    """CSR arrays of a list of (lo, hi, indices, values) rows."""
+    lens = np.array([len(r[2]) for r in rows])
+    return (np.array([r[0] for r in rows], float), np.array([r[1] for r in rows], float), lens,
+            np.concatenate([np.asarray(r[2]) for r in rows]), np.concatenate([np.asarray(r[3], float) for r in rows]))
+
+
+def _hyper_block(sets, E, N, node_of, x, x_ub, col_a, col_y):
+    """Rows of the token hypergraph, built as arrays (hundreds of thousands at DeepSeek-V3 scale):
+    sum_m a[e, m] = 1; x[e, g] - ub a[e, node(g)] <= 0; a[e, m] - y[u, m] <= 0 for e in u."""
+    P = len(node_of)
+    a = col_a + np.arange(E * N).reshape(E, N)
+    one_lo = np.ones(E)
+    one_idx = a.ravel()
+    # x[e, g] <= ub a[e, node(g)]
+    ee, gg = np.meshgrid(np.arange(E), np.arange(P), indexing="ij")
+    link_idx = np.stack([x[ee, gg], a[ee, node_of[gg]]], axis=-1).reshape(-1, 2)
+    link_val = np.stack([np.ones((E, P)), -x_ub], axis=-1).reshape(-1, 2)
+    u_sets, _ = sets
+    U, K = u_sets.shape
+    uu, kk, mm = np.meshgrid(np.arange(U), np.arange(K), np.arange(N), indexing="ij")
+    cover_idx = np.stack([a[u_sets[uu, kk], mm], col_y + uu * N + mm], axis=-1).reshape(-1, 2)
+    n_link, n_cover = E * P, U * K * N
+    lo = np.r_[one_lo, np.full(n_link + n_cover, -np.inf)]
+    hi = np.r_[one_lo, np.zeros(n_link + n_cover)]
+    lens = np.r_[np.full(E, N), np.full(n_link + n_cover, 2)]
+    index = np.r_[one_idx, link_idx.ravel(), cover_idx.ravel()]
+    value = np.r_[np.ones(E * N), link_val.ravel(), np.tile([1.0, -1.0], n_cover)]
+    return lo, hi, lens, index, value
+
+
+def _concat_blocks(blocks):
+    lo = np.concatenate([b[0] for b in blocks])
+    hi = np.concatenate([b[1] for b in blocks])
+    lens = np.concatenate([b[2] for b in blocks])
+    starts = np.r_[0, np.cumsum(lens)[:-1]].astype(np.int32)
+    index = np.concatenate([b[3] for b in blocks]).astype(np.int32)
+    value = np.concatenate([b[4] for b in blocks]).astype(float)
+    return lo, hi, starts, index, value
 
 
 def warm_values(model: LayerModel, problem: PlacementProblem, layer: int, per_gpu: np.ndarray,
@@ -167,10 +234,17 @@ def warm_values(model: LayerModel, problem: PlacementProblem, layer: int, per_gp
         vals[model.col_zn] = max(np.bincount(node_of, weights=gpu_load, minlength=c.num_nodes).max(),
                                  model.lower[model.col_zn])
     f_gpu, f_node = shares(per_gpu, node_of, c.num_nodes)
-    for pairs, col0, f in ((model.pairs_node, model.col_s_node, f_node), (model.pairs_gpu, model.col_s_gpu, f_gpu)):
-        if pairs is not None:
-            pe, pf, _ = pairs
-            vals[col0: col0 + len(pe) * f.shape[1]] = np.minimum(f[pe], f[pf]).ravel()
+    if model.pairs_gpu is not None:
+        pe, pf, _ = model.pairs_gpu
+        vals[model.col_s_gpu: model.col_s_gpu + len(pe) * f_gpu.shape[1]] = np.minimum(f_gpu[pe], f_gpu[pf]).ravel()
+    if model.col_a is not None:  # a feasible start only if every expert sits on one node
+        E, N = f_node.shape
+        node = np.argmax(f_node, axis=1)
+        vals[model.col_a: model.col_a + E * N] = np.eye(N)[node].ravel()
+        u_sets, _ = model.sets
+        reach = np.zeros((len(u_sets), N))
+        reach[np.repeat(np.arange(len(u_sets)), u_sets.shape[1]), node[u_sets].ravel()] = 1.0
+        vals[model.col_y: model.col_y + reach.size] = reach.ravel()
     return vals
 
 
@@ -198,13 +272,15 @@ def set_threads(h, threads: int) -> None:
 
 def solve_layer(problem: PlacementProblem, objective: Objective, layer: int, warm_per_gpu: np.ndarray,
                 prev_row: np.ndarray | None = None, cap: float | None = None, time_limit: float = 10.0,
-                mip_gap: float = 1e-3, threads: int = 1, seed: int = 0) -> LayerSolve:
-    """Solve one layer's MILP warm-started from ``warm_per_gpu`` ([E, P])."""
+                mip_gap: float = 1e-3, threads: int = 1, seed: int = 0,
+                fixed_node: np.ndarray | None = None) -> LayerSolve:
+    """Solve one layer's MILP warm-started from ``warm_per_gpu`` ([E, P]); with ``fixed_node``
+    every expert's replicas stay on its given node."""
     import highspy
 
     t0 = time.perf_counter()
     counts = warm_per_gpu.sum(axis=1)
-    model = build_layer(problem, objective, layer, counts, prev_row, cap)
+    model = build_layer(problem, objective, layer, counts, prev_row, cap, fixed_node)
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     set_threads(h, threads)

@@ -19,7 +19,8 @@ from moesim.planners.objectives import Objective, shares, traffic_pairs
 
 
 def build_model(problem: PlacementProblem, objective: Objective, layer: int, counts: np.ndarray,
-                prev_row: np.ndarray | None = None, cap: float | None = None):
+                prev_row: np.ndarray | None = None, cap: float | None = None,
+                fixed_node: np.ndarray | None = None):
     import pyomo.environ as pyo
 
     c = problem.cluster
@@ -37,7 +38,11 @@ def build_model(problem: PlacementProblem, objective: Objective, layer: int, cou
     m.G = pyo.RangeSet(0, P - 1)
     m.M = pyo.RangeSet(0, N - 1)
     x_ub = {e: (min(int(counts[e]), S) if problem.allow_duplicates else 1) for e in range(E)}
-    m.x = pyo.Var(m.E, m.G, domain=pyo.NonNegativeIntegers, bounds=lambda m, e, g: (0, x_ub[e]))
+
+    def x_bounds(m, e, g):  # with fixed_node, replicas only on the expert's own node
+        return (0, x_ub[e] if fixed_node is None or fixed_node[e] == node_of[g] else 0)
+
+    m.x = pyo.Var(m.E, m.G, domain=pyo.NonNegativeIntegers, bounds=x_bounds)
     # valid lower bounds: mean GPU load and the largest load per replica
     m.z = pyo.Var(bounds=(max(total / P, float(W.max())), cap))
     m.replicas = pyo.Constraint(m.E, rule=lambda m, e: sum(m.x[e, g] for g in m.G) == int(counts[e]))
@@ -55,20 +60,34 @@ def build_model(problem: PlacementProblem, objective: Objective, layer: int, cou
     def share_on(e, gpus):  # share of e's tokens served by these GPUs
         return sum(m.x[e, g] for g in gpus) / float(counts[e])
 
-    for term, groups in (("cross_node", [np.flatnonzero(node_of == n) for n in range(N)]),
-                         ("cross_gpu", [[g] for g in range(P)])):
-        if wts.get(term, 0) <= 0:
-            continue
+    if wts.get("cross_node", 0) > 0 and fixed_node is not None:  # a constant given the nodes
+        from moesim.planners.objectives import cross_node_per_token
+
+        cost += wts["cross_node"] * cross_node_per_token(problem, layer, np.eye(N)[np.asarray(fixed_node)])
+    elif wts.get("cross_node", 0) > 0:
+        # token hypergraph: a[e, n] = e's replicas on node n; y[u, n] = token set u reaches node n
+        u_sets, u_weight = problem.stats.token_sets[layer]
+        m.U = pyo.RangeSet(0, len(u_sets) - 1)
+        m.K = pyo.RangeSet(0, u_sets.shape[1] - 1)
+        m.a = pyo.Var(m.E, m.M, domain=pyo.Binary)
+        m.y = pyo.Var(m.U, m.M, bounds=(0, 1))
+        m.one_node = pyo.Constraint(m.E, rule=lambda m, e: sum(m.a[e, n] for n in m.M) == 1)
+        m.on_node = pyo.Constraint(m.E, m.G, rule=lambda m, e, g: m.x[e, g] <= x_ub[e] * m.a[e, int(node_of[g])])
+        m.reach = pyo.Constraint(m.U, m.K, m.M, rule=lambda m, u, k, n: m.y[u, n] >= m.a[int(u_sets[u, k]), n])
+        scale = wts["cross_node"] * (1 - 1 / N) / float(u_weight.sum())
+        cost += scale * sum(float(u_weight[u]) * m.y[u, n] for u in m.U for n in m.M)
+
+    if wts.get("cross_gpu", 0) > 0:
+        groups = [[g] for g in range(P)]
         pe, pf, co = traffic_pairs(problem, layer, objective.max_pairs)
-        pairs = pyo.RangeSet(0, len(pe) - 1)
-        blocks = pyo.RangeSet(0, len(groups) - 1)
-        s = pyo.Var(pairs, blocks, bounds=(0, 1))
-        first = pyo.Constraint(pairs, blocks, rule=lambda m, p, b, s=s, pe=pe, gs=groups: s[p, b] <= share_on(pe[p], gs[b]))
-        second = pyo.Constraint(pairs, blocks, rule=lambda m, p, b, s=s, pf=pf, gs=groups: s[p, b] <= share_on(pf[p], gs[b]))
-        for name, comp in ((f"{term}_pairs", pairs), (f"{term}_blocks", blocks), (f"{term}_shared", s),
-                           (f"{term}_first", first), (f"{term}_second", second)):
-            m.add_component(name, comp)
-        cost += wts[term] / tokens * sum(float(co[p]) * (1 - sum(s[p, b] for b in blocks)) for p in pairs)
+        m.cross_gpu_pairs = pyo.RangeSet(0, len(pe) - 1)
+        s = m.cross_gpu_shared = pyo.Var(m.cross_gpu_pairs, m.G, bounds=(0, 1))
+        m.cross_gpu_first = pyo.Constraint(m.cross_gpu_pairs, m.G,
+                                           rule=lambda m, p, b: s[p, b] <= share_on(pe[p], groups[b]))
+        m.cross_gpu_second = pyo.Constraint(m.cross_gpu_pairs, m.G,
+                                            rule=lambda m, p, b: s[p, b] <= share_on(pf[p], groups[b]))
+        cost += wts["cross_gpu"] / tokens * sum(float(co[p]) * (1 - sum(s[p, b] for b in m.G))
+                                                for p in m.cross_gpu_pairs)
 
     if wts.get("hops", 0) > 0:
         coef, const = hop_cost(problem, layer, prev_row, counts)
@@ -82,14 +101,15 @@ def build_model(problem: PlacementProblem, objective: Objective, layer: int, cou
 
 def solve_layer(problem: PlacementProblem, objective: Objective, layer: int, warm_per_gpu: np.ndarray,
                 prev_row: np.ndarray | None = None, cap: float | None = None, time_limit: float = 10.0,
-                mip_gap: float = 1e-3, threads: int = 1, seed: int = 0) -> LayerSolve:
+                mip_gap: float = 1e-3, threads: int = 1, seed: int = 0,
+                fixed_node: np.ndarray | None = None) -> LayerSolve:
     from pyomo.contrib.appsi.solvers import Highs
 
     from moesim.planners.ilp_highs import set_threads
 
     t0 = time.perf_counter()
     counts = warm_per_gpu.sum(axis=1)
-    m = build_model(problem, objective, layer, counts, prev_row, cap)
+    m = build_model(problem, objective, layer, counts, prev_row, cap, fixed_node)
     # MIP start: the warm placement and the auxiliary values it implies
     c = problem.cluster
     for (e, g), v in np.ndenumerate(warm_per_gpu):
@@ -99,12 +119,17 @@ def solve_layer(problem: PlacementProblem, objective: Objective, layer: int, war
     if hasattr(m, "zn"):
         m.zn.value = max(float(np.bincount(c.node_of(), weights=gpu_load, minlength=c.num_nodes).max()), m.zn.lb)
     f_gpu, f_node = shares(warm_per_gpu, c.node_of(), c.num_nodes)
-    for term, f in (("cross_node", f_node), ("cross_gpu", f_gpu)):
-        if hasattr(m, f"{term}_shared"):
-            pe, pf, _ = traffic_pairs(problem, layer, objective.max_pairs)
-            s = getattr(m, f"{term}_shared")
-            for (p, b) in s:
-                s[p, b].value = float(min(f[pe[p], b], f[pf[p], b]))
+    if hasattr(m, "cross_gpu_shared"):
+        pe, pf, _ = traffic_pairs(problem, layer, objective.max_pairs)
+        for (p, b) in m.cross_gpu_shared:
+            m.cross_gpu_shared[p, b].value = float(min(f_gpu[pe[p], b], f_gpu[pf[p], b]))
+    if hasattr(m, "a"):  # a feasible start only if every expert sits on one node
+        node = np.argmax(f_node, axis=1)
+        u_sets, _ = problem.stats.token_sets[layer]
+        for (e, n) in m.a:
+            m.a[e, n].value = int(node[e] == n)
+        for (u, n) in m.y:
+            m.y[u, n].value = float((node[u_sets[u]] == n).any())
     build_s = time.perf_counter() - t0
 
     solver = Highs()

@@ -65,12 +65,16 @@ class RoutingStats:
     ``coactivation[l, e, f]``: tokens that chose both e and f in layer l (diagonal = load).
     ``affinity[l, e, f]``: tokens that chose e in layer l and f in layer l+1 (``[L-1, E, E]``).
     ``tokens[l]``: tokens routed in layer l.
+    ``token_sets[l]``: ``(sets [U, K], weight [U])``, the distinct expert sets the layer's tokens
+    chose and how many tokens chose each (the hyperedges of the token-level cross-node term);
+    None when not collected.
     """
 
     coactivation: np.ndarray
     affinity: np.ndarray
     tokens: np.ndarray
     top_k: int
+    token_sets: list | None = None
 
 
 @dataclass
@@ -137,6 +141,8 @@ class PlacementProblem:
             st = self.stats
             if st.coactivation.shape != (L, E, E) or st.affinity.shape != (max(L - 1, 0), E, E):
                 raise PlacementError("routing statistics do not match the loads' layers and experts")
+            if st.token_sets is not None and len(st.token_sets) != L:
+                raise PlacementError("token expert sets do not match the loads' layers")
 
     @property
     def num_layers(self) -> int:
@@ -161,15 +167,44 @@ class PlacementProblem:
 
 
 # ----- building problems from files ------------------------------------------------------------
-def routing_stats(trace) -> RoutingStats:
+# token-level statistics keep at most this many tokens per layer (a seeded sample beyond it)
+MAX_TOKENS_PER_LAYER = 1 << 16
+
+
+def routing_stats(trace, max_tokens: int = MAX_TOKENS_PER_LAYER, seed: int = 0) -> RoutingStats:
     """Within-layer co-activation and l -> l+1 affinity of a routing trace, from the project's
-    one streaming pass (``moesim.traces.stats.compute_stats``)."""
+    one streaming pass (``moesim.traces.stats.compute_stats``), and each layer's token expert
+    sets (``layer_token_sets``)."""
     from moesim.traces.stats import compute_stats
 
     st = compute_stats(trace, segment_lengths=(), windows=())
     K = trace.meta.top_k
     tokens = st.load.sum(axis=1) / K  # every row routes a token to K distinct experts
-    return RoutingStats(st.coactivation.astype(float), st.affinity.astype(float), tokens, K)
+    return RoutingStats(st.coactivation.astype(float), st.affinity.astype(float), tokens, K,
+                        layer_token_sets(trace, max_tokens, seed))
+
+
+def layer_token_sets(trace, max_tokens: int = MAX_TOKENS_PER_LAYER, seed: int = 0) -> list:
+    """Per layer, the distinct expert sets of its tokens with their token counts. A layer with
+    more than ``max_tokens`` tokens keeps a seeded uniform sample of them (weights then count
+    sampled tokens; every figure built on them is a per-token mean, so the scale cancels)."""
+    from moesim.planners.partition import token_sets
+
+    L = trace.meta.num_layers
+    rows: list[list[np.ndarray]] = [[] for _ in range(L)]
+    for b in trace.iter_batches():
+        layer = b.layer.astype(np.int64)
+        ids = b.expert_ids.astype(np.int64)
+        for lay in np.unique(layer):
+            rows[lay].append(ids[layer == lay])
+    rng = np.random.default_rng(seed)
+    out = []
+    for lay in range(L):
+        ids = np.concatenate(rows[lay]) if rows[lay] else np.zeros((0, trace.meta.top_k), np.int64)
+        if len(ids) > max_tokens:
+            ids = ids[np.sort(rng.choice(len(ids), max_tokens, replace=False))]
+        out.append(token_sets(ids))
+    return out
 
 
 def load_matrix_file(path: str | Path) -> np.ndarray:

@@ -1,117 +1,52 @@
-"""Node-first placement for traffic objectives: co-activated experts share a node, balance inside.
+"""Node-first placement for the cross-node objective: experts on nodes first, balance inside.
 
-The whole-layer MILP's relaxation of "pair p is on one node" is weak (every s[p, m] = 1/2 at the
-LP optimum), so HiGHS rarely finds low-traffic placements by itself. This decomposition does:
-
-1. node partition: each expert (with all its replicas) goes to one node; maximise the
-   co-activation kept inside nodes subject to node load <= U and at most R/N experts per node.
-   This is graph partitioning; its MILP (s[p, m] <= a[e_p, m], s[p, m] <= a[f_p, m]) has the
-   same weak relaxation, and HiGHS in 10 s stayed near the starting cut on ESFT layers, so a
-   Kernighan-Lin / Fiduccia-Mattheyses style move-and-swap search is used, from the warm
-   assignment and seeded random restarts;
+1. node partition (``partition.py``): every expert, with all its replicas, goes to one node;
+   minimise the tokens' distinct destination nodes (the token hypergraph's connectivity, exact)
+   subject to node load <= U and node slot demand <= R/N, from whole expert groups on nodes
+   (group-limited routing), from the warm plan's nodes and from seeded random starts;
 2. inside each node: replicate its experts into the node's R/N slots by largest load per replica
    (at most one replica per GPU), pack them onto the node's GPUs heaviest first, then the swap
-   search (refine.py) lowers the hottest GPU.
+   search (``refine.py``) lowers the hottest GPU.
 
-The node cap U is tightened until every GPU respects the layer's balance cap. The result is one
-more warm-start candidate for the whole-layer MILP, scored with the same objective.
+The node cap U starts at (GPUs per node) x the per-GPU cap. When a node's GPUs cannot be packed
+within the layer's balance cap (typically two heavy experts whose replicas cannot share the
+node's GPUs), its two heaviest experts are marked as a conflict (they may not share a node) and
+the partition is searched again from where it was (lazy constraints); then the cap is tightened. The result is a MIP start for the layer MILP, which then
+polishes the balance inside each node with the node assignment fixed.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
 from moesim.planners.eplb import balanced_packing, replicate
 from moesim.planners.inputs import PlacementProblem
+from moesim.planners.partition import Limits, group_start, partition, slot_demand
 from moesim.planners.plan import phy2log_from_counts
 from moesim.planners.refine import swap_search
 
-
-def node_partition(load: np.ndarray, coactivation: np.ndarray, num_nodes: int, max_experts: int,
-                   node_cap: float, warm: np.ndarray | None, seed: int = 0, restarts: int = 8,
-                   max_steps: int = 2000) -> np.ndarray | None:
-    """Expert -> node maximising co-activation kept inside nodes under a node-load cap and an
-    expert-count cap: best-improvement moves and swaps (Kernighan-Lin / Fiduccia-Mattheyses
-    style) from the warm assignment and seeded random restarts. None if no start is feasible."""
-    rng = np.random.default_rng(seed)
-    N = num_nodes
-    C = coactivation.astype(float).copy()
-    np.fill_diagonal(C, 0.0)
-    starts = [] if warm is None else [np.asarray(warm)]
-    for _ in range(restarts):
-        start = _random_feasible(load, N, max_experts, node_cap, rng)
-        if start is not None:
-            starts.append(start)
-    best, best_cut = None, np.inf
-    for node in starts:
-        node = _improve(node.copy(), C, load, N, max_experts, node_cap, max_steps)
-        cut = _cut(node, C)
-        if cut < best_cut and _feasible(node, load, N, max_experts, node_cap):
-            best, best_cut = node, cut
-    return best
+# node-cap margins below (GPUs per node x GPU cap) tried in turn until the packing fits
+NODE_CAP_MARGINS = (0.0, 0.004, 0.01, 0.025, 0.05)
+# partition, pack, learn the heavy pairs that could not be packed together: this many times
+MAX_CONFLICT_ROUNDS = 8
 
 
-def _cut(node: np.ndarray, C: np.ndarray) -> float:
-    return float(C[node[:, None] != node[None, :]].sum() / 2)
-
-
-def _feasible(node, load, N, max_experts, node_cap) -> bool:
-    return bool((np.bincount(node, weights=load, minlength=N) <= node_cap * (1 + 1e-12)).all()
-                and (np.bincount(node, minlength=N) <= max_experts).all())
-
-
-def _random_feasible(load, N, max_experts, node_cap, rng) -> np.ndarray | None:
-    """A random assignment that respects both caps (heaviest first onto a random node with room)."""
-    node = np.empty(len(load), dtype=np.int64)
-    node_load = np.zeros(N)
-    size = np.zeros(N, dtype=np.int64)
-    for e in np.argsort(-load, kind="stable"):
-        ok = np.flatnonzero((size < max_experts) & (node_load + load[e] <= node_cap))
-        if len(ok) == 0:
-            return None
-        m = int(rng.choice(ok))
-        node[e] = m
-        node_load[m] += load[e]
-        size[m] += 1
-    return node
-
-
-def _improve(node, C, load, N, max_experts, node_cap, max_steps):
-    E = len(node)
-    for _ in range(max_steps):
-        onehot = np.zeros((E, N))
-        onehot[np.arange(E), node] = 1.0
-        link = C @ onehot  # [E, N]: co-activation of e with the experts on each node
-        here = link[np.arange(E), node]
-        node_load = onehot.T @ load
-        size = onehot.sum(axis=0)
-        # move e to node m
-        gain_move = link - here[:, None]
-        ok = (node_load[None, :] + load[:, None] <= node_cap) & (size[None, :] < max_experts)
-        ok[np.arange(E), node] = False
-        gain_move = np.where(ok, gain_move, -np.inf)
-        # swap e (node a) with f (node b): both move, their own pair stays cut
-        gain_swap = (link[:, node] - here[:, None]) + (link[:, node].T - here[None, :]) - 2 * C
-        load_a = node_load[node][:, None] - load[:, None] + load[None, :]  # e's node after the swap
-        load_b = node_load[node][None, :] - load[None, :] + load[:, None]  # f's node after the swap
-        ok = (node[:, None] != node[None, :]) & (load_a <= node_cap) & (load_b <= node_cap)
-        gain_swap = np.where(ok, gain_swap, -np.inf)
-        i = np.unravel_index(int(np.argmax(gain_move)), gain_move.shape)
-        j = np.unravel_index(int(np.argmax(gain_swap)), gain_swap.shape)
-        tol = 1e-9 * max(C.sum(), 1.0)
-        if max(gain_move[i], gain_swap[j]) <= tol:
-            break
-        if gain_move[i] >= gain_swap[j]:
-            node[i[0]] = i[1]
-        else:
-            e, f = j
-            node[e], node[f] = node[f], node[e]
-    return node
-
-
-def fill_node(load: np.ndarray, experts: np.ndarray, slots: int, gpus: int, slots_per_gpu: int) -> np.ndarray:
-    """Replicas per GPU ``[len(experts), gpus]`` for one node's experts."""
-    local, count = replicate(load[experts], slots, max_replicas=gpus)
+def fill_node(load: np.ndarray, experts: np.ndarray, slots: int, gpus: int, slots_per_gpu: int,
+              spread: np.ndarray | None = None) -> np.ndarray:
+    """Replicas per GPU ``[len(experts), gpus]`` for one node's experts; experts flagged in
+    ``spread`` get one replica on every GPU first, the others share the remaining slots by
+    largest load per replica."""
+    spread = np.zeros(len(experts), bool) if spread is None else np.asarray(spread, bool)
+    if spread.any() and spread.sum() * gpus + (~spread).sum() <= slots:
+        rest = np.flatnonzero(~spread)
+        sub, sub_count = replicate(load[experts][rest], slots - spread.sum() * gpus, max_replicas=gpus)
+        count = np.full(len(experts), gpus, dtype=np.int64)
+        count[rest] = sub_count
+        local = np.r_[np.repeat(np.flatnonzero(spread), gpus), rest[sub]]
+    else:
+        local, count = replicate(load[experts], slots, max_replicas=gpus)
     share = load[experts] / count
     gpu_of, _ = balanced_packing(share[local], gpus, capacity=slots_per_gpu)
     per_gpu = np.zeros((len(experts), gpus), dtype=np.int64)
@@ -125,44 +60,82 @@ def fill_node(load: np.ndarray, experts: np.ndarray, slots: int, gpus: int, slot
     return swap_search(per_gpu, share, slots_per_gpu)
 
 
-def node_first_layer(problem: PlacementProblem, layer: int, gpu_cap: float | None, warm_row: np.ndarray,
-                     max_pairs: int, time_limit: float = 5.0, threads: int = 1, seed: int = 0,
-                     tries: int = 4) -> np.ndarray | None:
-    """One layer's slot map from the node-first decomposition, or None if it found none."""
+def node_of_experts(problem: PlacementProblem, row: np.ndarray) -> np.ndarray:
+    """Node holding most of each expert's replicas in a slot map."""
     c = problem.cluster
-    P, N, G, S, R = c.num_gpus, c.num_nodes, c.gpus_per_node, problem.slots_per_gpu, problem.num_replicas
-    if N < 2 or R % N or problem.stats is None:
+    occupied = row >= 0
+    slot_node = c.node_of()[np.arange(len(row)) // problem.slots_per_gpu]
+    hits = np.zeros((problem.num_experts, c.num_nodes))
+    np.add.at(hits, (row[occupied], slot_node[occupied]), 1)
+    return np.argmax(hits, axis=1)
+
+
+def place_on_nodes(problem: PlacementProblem, layer: int, node: np.ndarray,
+                   demand: np.ndarray | None = None) -> np.ndarray:
+    """Slot map of one layer with every expert's replicas on its node (``fill_node`` per node)."""
+    c = problem.cluster
+    P, N, G, S = c.num_gpus, c.num_nodes, c.gpus_per_node, problem.slots_per_gpu
+    w = problem.load[layer]
+    per_gpu = np.zeros((len(w), P), dtype=np.int64)
+    for m in range(N):
+        experts = np.flatnonzero(node == m)
+        if len(experts):
+            spread = None if demand is None else demand[experts] >= G
+            per_gpu[np.ix_(experts, np.arange(m * G, (m + 1) * G))] = fill_node(
+                w, experts, problem.num_replicas // N, G, S, spread)
+    share = w / np.maximum(per_gpu.sum(axis=1), 1)
+    return phy2log_from_counts(per_gpu, S, np.argsort(-share, kind="stable"))
+
+
+def node_first_layer(problem: PlacementProblem, layer: int, gpu_cap: float | None, warm_row: np.ndarray,
+                     time_limit: float = 5.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """One layer's ``(slot map, node of each expert, info)`` from the node-first decomposition,
+    or None if no node partition packs within the GPU cap."""
+    c = problem.cluster
+    P, N, G, R = c.num_gpus, c.num_nodes, c.gpus_per_node, problem.num_replicas
+    st = problem.stats
+    if N < 2 or R % N or st is None or st.token_sets is None or R // N > G * problem.slots_per_gpu:
         return None
     w = problem.load[layer]
-    E = len(w)
-    max_experts = R // N
-    node_of_gpu = c.node_of()
-    # warm node per expert: where most of its replicas sit in the warm map
-    slot_gpu = np.repeat(np.arange(P), S)
-    hits = np.zeros((E, N))
-    occupied = warm_row >= 0
-    np.add.at(hits, (warm_row[occupied], node_of_gpu[slot_gpu[occupied]]), 1)
-    warm_node = np.argmax(hits, axis=1)
+    if w.sum() <= 0:
+        return None
+    sets, weight = st.token_sets[layer]
+    deadline = time.perf_counter() + time_limit
+    demand = slot_demand(w, R, N, G).astype(float)
     target = gpu_cap if gpu_cap is not None else w.sum() / P * 1.01
-    best = None
-    slack = target * G / (w.sum() / N) - 1  # node-load headroom implied by the GPU cap
-    for t in range(tries):
-        node_cap = w.sum() / N * (1 + max(slack, 0) / (2 ** t))
-        warm = warm_node if (np.bincount(warm_node, weights=w, minlength=N) <= node_cap).all() \
-            and (np.bincount(warm_node, minlength=N) <= max_experts).all() else None
-        node = node_partition(w, problem.stats.coactivation[layer], N, max_experts, node_cap, warm, seed)
-        if node is None:
-            continue
-        per_gpu = np.zeros((E, P), dtype=np.int64)
-        for m in range(N):
-            experts = np.flatnonzero(node == m)
-            if len(experts) == 0:
-                continue
-            per_gpu[np.ix_(experts, np.arange(m * G, (m + 1) * G))] = fill_node(w, experts, max_experts, G, S)
-        share = w / np.maximum(per_gpu.sum(axis=1), 1)
-        row = phy2log_from_counts(per_gpu, S, np.argsort(-share, kind="stable"))
-        peak = (share @ per_gpu).max()
-        if peak <= target * (1 + 1e-9):
-            best = row
+    starts = [group_start(w, problem.num_groups, N), node_of_experts(problem, warm_row)]
+    conflict = np.zeros((len(w), len(w)), dtype=bool)
+    for i, margin in enumerate(NODE_CAP_MARGINS):
+        limits = Limits(w, demand, N, G * target * (1 - margin), R // N)
+        for rounds in range(MAX_CONFLICT_ROUNDS):
+            limits.conflict = conflict
+            share_t = max(deadline - time.perf_counter(), 0.0) * (0.5 if i == rounds == 0 else 0.25)
+            node, reached = partition(sets, weight, limits, starts, share_t, seed)
+            if node is None:
+                break
+            row = place_on_nodes(problem, layer, node, demand)
+            gpu_load = _gpu_loads(problem, layer, row)
+            if gpu_load.max() <= target * (1 + 1e-9):
+                return row, node, {"node_cap_margin": margin, "nodes_per_token": reached,
+                                   "conflicts": int(conflict.sum() // 2)}
+            starts = [node, *starts[:2]]  # go on from what was found
+            # the two heaviest experts of each node whose GPUs overflow may not share a node
+            learned = False
+            for m in np.unique(c.node_of()[gpu_load > target * (1 + 1e-9)]):
+                heavy = np.flatnonzero(node == m)
+                heavy = heavy[np.argsort(-w[heavy], kind="stable")][:2]
+                if len(heavy) == 2 and not conflict[heavy[0], heavy[1]]:
+                    conflict[heavy[0], heavy[1]] = conflict[heavy[1], heavy[0]] = True
+                    learned = True
+            if not learned or time.perf_counter() >= deadline:
+                break
+        if time.perf_counter() >= deadline:
             break
-    return best
+    return None
+
+
+def _gpu_loads(problem: PlacementProblem, layer: int, row: np.ndarray) -> np.ndarray:
+    from moesim.planners.plan import replicas_per_gpu
+
+    per_gpu = replicas_per_gpu(row[None], problem.num_experts, problem.cluster.num_gpus)[0]
+    return (problem.load[layer] / np.maximum(per_gpu.sum(axis=1), 1)) @ per_gpu

@@ -9,11 +9,15 @@ GPU g serves under uniform replica choice; likewise per node):
 
 - ``balance``: max GPU load / mean GPU load.
 - ``node_balance``: max node load / mean node load.
-- ``cross_node``: co-activated expert pairs whose tokens land on different nodes, per token:
-  sum over pairs of C[e, f] (1 - sum_m min(f[e, m], f[f, m])) / tokens. For unreplicated experts
-  min(.) is exactly "both on node m"; it is the pairwise (Occult-style) proxy of the expected
-  number of distinct destination nodes per token. Only the ``max_pairs`` heaviest pairs count.
-- ``cross_gpu``: the same over GPUs.
+- ``cross_node``: token copies that leave their source node, per token, computed token by token
+  from the layer's expert sets: sum over tokens of sum_m (1 - prod_{e in token} (1 - f[e, m]))
+  (expected distinct destination nodes under uniform replica choice) x (1 - 1/nodes) / tokens,
+  the source spread evenly over the nodes. This is exactly the evaluation's
+  ``cross_node_tokens`` per token (on the sampled tokens when a layer has more than
+  ``inputs.MAX_TOKENS_PER_LAYER``).
+- ``cross_gpu``: co-activated expert pairs whose tokens land on different GPUs, per token:
+  sum over pairs of C[e, f] (1 - sum_g min(f[e, g], f[f, g])) / tokens (the pairwise,
+  Occult-style proxy of distinct destination GPUs; only the ``max_pairs`` heaviest pairs).
 - ``hops``: inter-layer affinity kept off-GPU (ExFlow / MoETuner): sum over (e at l-1, f at l)
   of A[e, f] (1 - sum_g f_{l-1}[e, g] f_l[f, g]) / (tokens k^2), the share of consecutive-layer
   expert pairs whose GPUs differ.
@@ -81,6 +85,9 @@ class Objective:
             raise PlacementError(
                 "traffic objectives (cross_node, cross_gpu, hops) need token-level routing: plan from a routing trace"
             )
+        if self.weights.get("cross_node", 0) > 0 and problem.stats.token_sets is None:
+            raise PlacementError("the cross_node objective needs each layer's token expert sets "
+                                 "(inputs.routing_stats collects them from a routing trace)")
         if self.weights.get("migration", 0) > 0 and problem.previous is None:
             raise PlacementError("the migration objective needs the previous placement (--previous PLAN.json)")
 
@@ -127,11 +134,12 @@ def layer_terms(problem: PlacementProblem, objective: Objective, layer: int, row
         out["node_balance"] = node_load.max() / (total / N) if total > 0 else 1.0
     f_gpu, f_node = shares(per_gpu, node_of, N)
     tokens = max(problem.stats.tokens[layer], 1) if problem.stats is not None else 1
-    for term, f in (("cross_node", f_node), ("cross_gpu", f_gpu)):
-        if weights.get(term, 0) > 0:
-            e, g, co = traffic_pairs(problem, layer, objective.max_pairs)
-            together = np.minimum(f[e], f[g]).sum(axis=1)
-            out[term] = float((co * (1 - together)).sum() / tokens)
+    if weights.get("cross_node", 0) > 0:
+        out["cross_node"] = cross_node_per_token(problem, layer, f_node)
+    if weights.get("cross_gpu", 0) > 0:
+        e, g, co = traffic_pairs(problem, layer, objective.max_pairs)
+        together = np.minimum(f_gpu[e], f_gpu[g]).sum(axis=1)
+        out["cross_gpu"] = float((co * (1 - together)).sum() / tokens)
     if weights.get("hops", 0) > 0:
         out["hops"] = 0.0
         if layer > 0 and prev_row is not None:
@@ -144,6 +152,16 @@ def layer_terms(problem: PlacementProblem, objective: Objective, layer: int, row
         moved = (per_gpu > 0) & (prev == 0)
         out["migration"] = float(per_gpu[moved].sum() / problem.num_replicas)
     return out
+
+
+def cross_node_per_token(problem: PlacementProblem, layer: int, f_node: np.ndarray) -> float:
+    """Expected token copies leaving their source node, per token of the layer (see ``cross_node``)."""
+    sets, weight = problem.stats.token_sets[layer]
+    if len(sets) == 0:
+        return 0.0
+    reached = (1 - np.prod(1 - f_node[sets], axis=1)).sum(axis=1)  # expected distinct nodes
+    N = f_node.shape[1]
+    return float((weight * reached).sum() / weight.sum() * (1 - 1 / N))
 
 
 def layer_value(terms: dict[str, float], objective: Objective) -> float:

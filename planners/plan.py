@@ -36,6 +36,8 @@ class Plan:
     status: str = "heuristic"
     solve_s: float = 0.0
     notes: list = field(default_factory=list)
+    # cross_node plans: per layer gap of the node-fixed balance MILP (None where not run)
+    polish_gap: list | None = None
 
     def __post_init__(self):
         self.phy2log = np.asarray(self.phy2log, dtype=np.int64)
