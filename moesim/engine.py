@@ -226,9 +226,10 @@ class Router:
     Trace rows are mapped once, when the router is built, to the flat slot id
     ``layer * R + slot`` of each (row, layer, k), so a step gathers its tokens' rows and runs
     one bincount over all layers. Replicated experts split tokens round-robin: request q
-    replaying trace row i uses replica (i + q mod C) mod (replica count), C the largest replica
-    count — moesim.comm's ``round-robin`` rule with i + q mod C as the token index; the C
-    offsets are mapped in advance too (C x the trace's size; past 2**27 slots, per step).
+    replaying trace row i uses replica (i + q mod V) mod (replica count), V = min(largest
+    replica count, 4) — moesim.comm's ``round-robin`` rule with i + q mod V as the token index,
+    so requests replaying the same row spread over replicas. The V offsets are mapped in
+    advance too (V x the trace's size; past 2**26 slot ids, per step).
 
     Pair dispatchers (``flat``, ``deepep-ll``) need only the pairs each GPU sends and receives
     by path (same GPU, same node, other node), costed for all layers at once by
@@ -236,6 +237,8 @@ class Router:
     needs only the per-GPU totals. Other dispatchers (per-GPU/per-node dedup, all-gather,
     hierarchical) get each layer's count matrices and run ``moesim.comm`` layer by layer.
     """
+
+    OFFSETS = 4  # replica offsets mapped per trace row (V)
 
     def __init__(self, model: MoEModel, layout: Layout, cluster, routing, dispatcher: str,
                  hidden: int):
@@ -275,6 +278,7 @@ class Router:
         rep_slot = np.full((L * E + 1, C), L * self.R, dtype=np.int64)
         rep_slot[le, np.arange(len(le)) - first] = lay * self.R + slot
         self.C = C
+        self.V = min(C, self.OFFSETS)
         self.rep_slot_flat = rep_slot.ravel().astype(np.int32)
         self.rep_count_flat = np.r_[reps.ravel(), 1].astype(np.int32)
         # GPU of each flat slot id; the invalid id maps to a virtual GPU G
@@ -287,9 +291,11 @@ class Router:
                 self.row_valid = (ex >= 0).sum(-1).astype(np.int32)  # [T, L]
             # slots of every (offset, row, layer, k), once, when they fit in memory
             self.row_slot = None
-            if C * ex.size <= 2**27:
-                every = np.arange(C * self.T)
+            if self.V * ex.size <= 2**26:
+                every = np.arange(self.V * self.T)
                 self.row_slot = self._row_slots(every // self.T, every % self.T)
+                if self.row_slot.size > 2**25:  # over 256 MB: half the bytes, a cast per step
+                    self.row_slot = self.row_slot.astype(np.int32)
         if routing.kind == "counts":
             phy = np.maximum(layout.phy2log, 0)
             per_slot = np.where(layout.phy2log >= 0, np.take_along_axis(routing.share, phy, 1), 0.0)
@@ -330,14 +336,14 @@ class Router:
                      req: np.ndarray | None = None) -> StepRouting:
         """The step's tokens: trace ``rows[n]`` routing them, ``src[n]`` their source GPU,
         ``req[n]`` their requests (replicated experts: request q replaying row i uses replica
-        (i + q mod C) mod count, so requests replaying the same row spread over replicas)."""
+        (i + q mod V) mod count, so requests replaying the same row spread over replicas)."""
         L, G, R, K = self.L, self.G, self.R, self.K
         n_bins = L * R + 1
-        T, C = self.T, self.C
-        key = rows if req is None or C == 1 else (req % C) * T + rows  # (offset, row)
-        if self.nic_only and self.aggregate_rows and C * T < len(rows):
+        T, V = self.T, self.V
+        key = rows if req is None or V == 1 else (req % V) * T + rows  # (offset, row)
+        if self.nic_only and self.aggregate_rows and V * T < len(rows):
             # more tokens than (offset, row) keys: count each key once, weighted by its repeats
-            mult = np.bincount(key, minlength=C * T)
+            mult = np.bincount(key, minlength=V * T)
             used = np.flatnonzero(mult)
             flat = self._slots_of(used)
             w = np.repeat(mult[used].astype(float), L * K)

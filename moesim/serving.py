@@ -134,6 +134,9 @@ class Scheduler:
         self.recompute_tokens = 0
         self.tokens_produced = 0
         self._check_fits()
+        # a group can never outgrow its KV when its fullest batch of the longest requests fits
+        self.kv_never_full = self.max_running * int((self.prompt + self.output).max(initial=0)) \
+            <= self.kv_capacity
 
     def _check_fits(self) -> None:
         need = self.prompt + self.output
@@ -174,7 +177,7 @@ class Scheduler:
 
     def _preempt_over_capacity(self) -> None:
         run = self.running
-        if len(run) == 0:
+        if len(run) == 0 or self.kv_never_full:
             return
         used = np.bincount(self.group[run], weights=self._reserved(run), minlength=self.num_groups)
         over = np.flatnonzero(used > self.kv_capacity)

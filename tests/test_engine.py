@@ -91,7 +91,7 @@ def test_router_matches_moesim_comm_layer_by_layer(name, nodes, replicas):
     router = _router(model, cluster, phy, experts, name)
     req = rng.integers(0, 40, n)  # requests replaying the rows
     out = router.route_tokens(np.arange(n), src, req=req)
-    token_index = np.arange(n) + req % router.C  # the router's replica rule
+    token_index = np.arange(n) + req % router.V  # the router's replica rule
     for layer in range(L):
         plan = comm.Placement.from_slots(phy[layer], G, E, selection="round-robin")
         counts = comm.counts_from_tokens(src, experts[:, layer], plan, cluster,
