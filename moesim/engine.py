@@ -483,11 +483,11 @@ def layer_schedule(attn: np.ndarray, dispatch: np.ndarray, experts: np.ndarray,
     """
     if not overlap:
         per_layer = attn + dispatch + experts + combine
-        return np.r_[0.0, np.cumsum(per_layer)], 0.0
-    prev_combine = np.r_[0.0, combine[:-1]]
+        return np.concatenate([[0.0], np.cumsum(per_layer)]), 0.0
+    prev_combine = np.concatenate([[0.0], combine[:-1]])
     per_layer = (np.maximum(attn, prev_combine) + np.maximum(dispatch, attn)
                  + np.maximum(experts, dispatch) + np.maximum(combine, experts))
-    return np.r_[0.0, np.cumsum(per_layer)], float(combine[-1]) if len(combine) else 0.0
+    return np.concatenate([[0.0], np.cumsum(per_layer)]), float(combine[-1]) if len(combine) else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
