@@ -28,7 +28,7 @@ from moesim.planners.plan import phy2log_from_counts
 from moesim.planners.refine import swap_search
 
 # node-cap margins below (GPUs per node x GPU cap) tried in turn until the packing fits
-NODE_CAP_MARGINS = (0.0, 0.004, 0.01, 0.025, 0.05)
+NODE_CAP_MARGINS = (0.0, 0.004, 0.01, 0.025, 0.05, 0.1)
 # partition, pack, learn the heavy pairs that could not be packed together: this many times
 MAX_CONFLICT_ROUNDS = 8
 
@@ -104,12 +104,12 @@ def node_first_layer(problem: PlacementProblem, layer: int, gpu_cap: float | Non
     demand = slot_demand(w, R, N, G).astype(float)
     target = gpu_cap if gpu_cap is not None else w.sum() / P * 1.01
     starts = [group_start(w, problem.num_groups, N), node_of_experts(problem, warm_row)]
-    conflict = np.zeros((len(w), len(w)), dtype=bool)
     for i, margin in enumerate(NODE_CAP_MARGINS):
         limits = Limits(w, demand, N, G * target * (1 - margin), R // N)
+        conflict = np.zeros((len(w), len(w)), dtype=bool)  # learned afresh under each cap
         for rounds in range(MAX_CONFLICT_ROUNDS):
             limits.conflict = conflict
-            share_t = max(deadline - time.perf_counter(), 0.0) * (0.5 if i == rounds == 0 else 0.25)
+            share_t = max(deadline - time.perf_counter(), 0.0) * (0.35 if i == rounds == 0 else 0.25)
             node, reached = partition(sets, weight, limits, starts, share_t, seed)
             if node is None:
                 break

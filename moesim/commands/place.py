@@ -66,7 +66,7 @@ def place(
                                     "contiguous, round-robin, random."),
     time_limit: float = typer.Option(60.0, "--time-limit", help="Hard wall-clock limit of the MILP (s)."),
     mip_gap: float = typer.Option(1e-3, "--mip-gap", help="Relative gap at which a layer's MILP stops."),
-    max_pairs: int = typer.Option(4096, "--max-pairs", help="Co-activated pairs per layer in traffic terms."),
+    max_pairs: int = typer.Option(4096, "--max-pairs", help="Co-activated pairs per layer in the cross_gpu term."),
     previous: Path = typer.Option(None, "--previous", help="Current plan (JSON) for the migration term."),
     model: str = typer.Option(None, "--model", help="Model preset: expert bytes (migration) and hidden size (comm)."),
     allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Allow two replicas of one expert on a GPU."),
