@@ -137,6 +137,15 @@ class CacheStats:
     bypassed: int = 0  # misses served without caching (CPU compute or a streaming buffer)
     dropped: int = 0  # lookups a lossy policy removed (adaptive gating, skipped experts)
 
+    def count_batch(self, lookups: int, hits: int, phase: int) -> None:
+        """Add one batch's lookups and hits (phase 1 = decode also counts toward the decode rate)."""
+        self.lookups += lookups
+        self.hits += hits
+        self.misses += lookups - hits
+        if phase == 1:
+            self.lookups_decode += lookups
+            self.hits_decode += hits
+
     @property
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else float("nan")
@@ -251,12 +260,7 @@ class CachePolicy:
         if not per_access:
             for p in pools:
                 self._make_room(p, 0.0, pinned)
-        st.lookups += n
-        st.hits += h
-        st.misses += n - h
-        if info.phase == 1:
-            st.lookups_decode += n
-            st.hits_decode += h
+        st.count_batch(n, h, info.phase)
         return out
 
     def prefetch(self, keys, now: int, protect=()) -> list[int]:

@@ -475,12 +475,7 @@ class D2MoE(CachePolicy):
         if self.used[p] > self.caps[p] + 1e-9:
             self._free(set(keys))
         n, h = len(out), sum(out)
-        st.lookups += n
-        st.hits += h
-        st.misses += n - h
-        if info.phase == 1:
-            st.lookups_decode += n
-            st.hits_decode += h
+        st.count_batch(n, h, info.phase)
         return out
 
     def _free(self, touched) -> None:
