@@ -115,7 +115,8 @@ def main() -> None:
                         "latency_bias_pct", "mean_latency_measured_s", "mean_latency_simulated_s",
                         "dense_error_pct", "expert_error_pct", "read_measured_s",
                         "read_simulated_s", "read_error_pct", "overhead_measured_s",
-                        "overhead_predicted_s")}
+                        "overhead_predicted_s", "read_mean_measured_s", "reads_slow_pct",
+                        "io_replay_mape")}
                     row["repeat"] = _
                     row["profile_only"] = {k: only[k] for k in (
                         "latency_mape", "p50_error", "p99_error", "latency_bias_pct",
@@ -129,7 +130,9 @@ def main() -> None:
                           f"{row['mean_latency_measured_s'] * 1e3:6.1f} ms meas / "
                           f"{row['mean_latency_simulated_s'] * 1e3:6.1f} ms sim  read "
                           f"{row['read_error_pct'] or 0:+5.1f} %  load "
-                          f"{row['load_avg_1min']:.2f}  | profile only: MAPE "
+                          f"{row['load_avg_1min']:.2f}  io-replay MAPE "
+                          f"{row['io_replay_mape'] or 0:5.2f} %  slow reads "
+                          f"{row['reads_slow_pct'] or 0:4.1f} %  | profile only: MAPE "
                           f"{only['latency_mape']:5.2f} %  read {only['read_error_pct'] or 0:+5.1f}"
                           " %", flush=True)
     prof = yaml.safe_load(profile.read_text())  # the last run's, as an example

@@ -141,3 +141,28 @@ def test_warmup_tokens_are_calibrated_on_and_excluded(tmp_path, profile):
 
     a = read_run(path).to_arrays(columns=["t_dense_s"])
     assert r["scenario"]["dense_s"] == pytest.approx(float(np.median(a["t_dense_s"][:6])))
+
+
+def test_read_replay_pairs_each_load_with_its_measured_read(tmp_path, profile):
+    from moesim.calibrate import load_profile
+    from moesim.executor.runfile import read_run
+    from moesim.validate import build_scenario, simulate_run
+
+    path = record(tmp_path, tokens=16, policy="lru", capacity_experts=5, io_threads=1)
+    run = read_run(path)
+    scen = build_scenario(run, load_profile(profile))
+    tr = run.meta.capture["transfers"]
+    measured = np.asarray(tr["end_s"]) - np.asarray(tr["start_s"])
+    df = simulate_run(run, scen, read_durations=measured.tolist())[0]
+    loads = df.attrs["loads"]
+    order = np.argsort(loads["issued_s"], kind="stable")
+    np.testing.assert_allclose((loads["end_s"] - loads["start_s"])[order], measured, atol=1e-12)
+    # replaying the disk model's own durations reproduces the disk model's latencies
+    model = [scen.load_s(b) for b in loads["bytes"][order]]
+    same = simulate_run(run, scen, read_durations=model)[0]
+    np.testing.assert_allclose(same.sort_values("token")["latency_s"],
+                               simulate_run(run, scen)[0]
+                               .sort_values("token")["latency_s"], rtol=1e-9)
+    r = validate(path, profile)
+    assert r["io_replay_mape"] is not None and r["io_replay_mape"] >= 0
+    assert 0 <= r["reads_slow_pct"] <= 100
