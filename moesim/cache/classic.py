@@ -222,7 +222,7 @@ class StaticPlacement(CachePolicy):
 
 
 @register
-class ExpertBuffering(CachePolicy):
+class ExpertBuffering(_OrderedPolicy):
     """Expert Buffering of "Towards MoE Deployment" (Huang et al., arXiv 2303.06182): when room
     is needed, evict an expert not active in the current batch (the batch's gating result is
     known before loading), else LIFO among the rest. Simplified: one pool per scope, no
@@ -231,20 +231,15 @@ class ExpertBuffering(CachePolicy):
     name = "expert-buffering"
     source = "Huang et al., arXiv 2303.06182 (inactive-in-batch first, then LIFO)"
 
+    refresh_on_hit = False  # insertion order only: the LIFO fallback ignores hits
+
     def __init__(self, layout, *, seed=0, **params):
         super().__init__(layout, seed=seed, **params)
-        self._order = [OrderedDict() for _ in layout.pool_caps]
         self._batch: set[int] = set()
 
     def _begin(self, keys, now, info):
         self._batch = set(keys)
         return keys
-
-    def _on_insert(self, key, now, j, info):
-        self._order[self._pool[key]][key] = None
-
-    def _on_evict(self, key):
-        del self._order[self._pool[key]][key]
 
     def _victim(self, pool, pinned):
         order = self._order[pool]
