@@ -177,13 +177,15 @@ def _check_schema(schema: pa.Schema, meta: TraceMeta, where: str) -> list[str]:
 class Trace:
     """An expert-routing trace (or an aggregate counts trace) with its metadata."""
 
-    def __init__(self, meta: TraceMeta, table: pa.Table | None = None, path: Path | None = None):
+    def __init__(self, meta: TraceMeta, table: pa.Table | None = None, path: Path | None = None,
+                 schema: pa.Schema | None = None):
         if (table is None) == (path is None):
             raise ValueError("a Trace is backed by exactly one of a table or a path")
         self.meta = meta
         self._table = table
         self.path = Path(path) if path is not None else None
-        schema = table.schema if table is not None else pq.read_schema(self.path)
+        if schema is None:  # Trace.read passes the schema it already read from the footer
+            schema = table.schema if table is not None else pq.read_schema(self.path)
         where = str(self.path) if self.path else "trace"
         self.extra_columns = _check_schema(schema, meta, where)
 
@@ -339,7 +341,7 @@ class Trace:
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise TraceError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
         meta = TraceMeta.from_kv(schema.metadata, where=str(path))
-        return cls(meta, path=path)
+        return cls(meta, path=path, schema=schema)
 
     # ----- facts ------------------------------------------------------------------------------
     @property
