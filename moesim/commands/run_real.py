@@ -63,6 +63,10 @@ def register(app: typer.Typer) -> None:
         compute_threads: int = typer.Option(1, "--compute-threads"),
         device: str = typer.Option("cpu", "--device", help="cpu, or cuda (not run in CI)."),
         cold: str = typer.Option("direct", "--cold", help="direct (O_DIRECT), fadvise or none."),
+        read_gbps: float = typer.Option(None, "--read-gbps", help="Emulate a storage device of "
+                                        "this bandwidth (GB/s) over the real reads: each read "
+                                        "takes at least its bytes / bandwidth, one at a time "
+                                        "across I/O threads. Calibrate with the same value."),
         store: Path = typer.Option(Path(".moesim-store"), "--store",
                                    help="Folder of the expert files (reused across runs)."),
         seed: int = typer.Option(0, "--seed"),
@@ -83,7 +87,7 @@ def register(app: typer.Typer) -> None:
                                scope=scope, prefetcher=prefetcher,
                                prefetch_params=_params(prefetch_param), io_threads=io_threads,
                                compute_threads=compute_threads, device=device, cold=cold,
-                               seed=seed, warmup_tokens=warmup_tokens)
+                               read_gbps=read_gbps, seed=seed, warmup_tokens=warmup_tokens)
         try:
             preset = get_model(model, **_params(override))
         except TypeError as exc:
@@ -124,6 +128,9 @@ def register(app: typer.Typer) -> None:
         compute_threads: int = typer.Option(1, "--compute-threads"),
         disk_dir: Path = typer.Option(None, "--disk-dir", help="Folder on the disk the store "
                                       "lives on (default: temp dir)."),
+        read_gbps: float = typer.Option(None, "--read-gbps", help="Time reads through the "
+                                        "emulated storage device the runs use ('run-real "
+                                        "--read-gbps')."),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Time the executor's primitives (expert FFN, dense part, cold expert reads) into a
@@ -136,8 +143,10 @@ def register(app: typer.Typer) -> None:
         if not profile.exists():
             raise MoesimError(f"{profile}: no such profile; write one with 'moesim calibrate'")
         specs = [StackSpec.for_model(get_model(m), 1) for m in model]
+        if read_gbps is not None and not read_gbps > 0:
+            raise MoesimError(f"--read-gbps {read_gbps}: must be positive")
         data = extend_profile(profile, specs, io_threads, compute_threads,
-                              str(disk_dir) if disk_dir else None)
+                              str(disk_dir) if disk_dir else None, read_gbps=read_gbps)
         link = data["links"]["expert_read"]
         rows = [r for r in data["tables"] if r["operation"] in ("expert_ffn", "moe_dense")]
         emit({"profile": str(profile), "read_bandwidth_mbps": link["bandwidth"] / 1e6,

@@ -132,13 +132,15 @@ def read_links(stores_keys, threads: int, what: str) -> dict:
     return links
 
 
-def new_read_files(root: str, sizes_mib=(4, 8, 16, 32), files_per_size: int = 6):
-    """Write ``files_per_size`` fresh files of each size under ``root``: [(ExpertStore, keys)]."""
+def new_read_files(root: str, sizes_mib=(4, 8, 16, 32), files_per_size: int = 6,
+                   read_gbps: float | None = None):
+    """Write ``files_per_size`` fresh files of each size under ``root``: [(ExpertStore, keys)]
+    (``read_gbps``: read them through an emulated device of that bandwidth)."""
     import torch
 
     groups, key = [], 0
     for mib in sizes_mib:
-        store = ExpertStore(root, num_experts=1000)
+        store = ExpertStore(root, num_experts=1000, read_gbps=read_gbps)
         keys = []
         for _ in range(files_per_size):
             store.write(key, {"w": torch.ones(int(mib * 2**20 // 2), dtype=torch.bfloat16)})
@@ -150,11 +152,13 @@ def new_read_files(root: str, sizes_mib=(4, 8, 16, 32), files_per_size: int = 6)
 
 def extend_profile(path, specs, threads: int = 2, compute_threads: int = 1,
                    disk_dir: str | None = None, sizes_mib=(4, 8, 16, 32), stores_keys=None,
-                   loop_stores=None, kernels: bool = True, reads: bool = True) -> dict:
+                   loop_stores=None, kernels: bool = True, reads: bool = True,
+                   read_gbps: float | None = None) -> dict:
     """Add the executor's compute rows for each stack spec and the expert-read links to a
     profile. ``loop_stores`` (one ExpertStore per spec) hold the experts the loop calibration
     runs on (default: a temporary store on ``disk_dir``); ``stores_keys`` ([(ExpertStore,
-    keys)]) are held-out store files to time reads on (default: new files of ``sizes_mib``)."""
+    keys)]) are held-out store files to time reads on (default: new files of ``sizes_mib``). ``read_gbps``: loop stores and new
+    files are read through an emulated device of that bandwidth, as the runs will read."""
     import os
     import shutil
 
@@ -174,7 +178,7 @@ def extend_profile(path, specs, threads: int = 2, compute_threads: int = 1,
                 store = loop_stores[i] if loop_stores else None
                 if store is None:
                     tmp.append(tempfile.mkdtemp(prefix="moesim-loopcal-", dir=disk_dir))
-                    store = ExpertStore(tmp[-1], spec.num_experts)
+                    store = ExpertStore(tmp[-1], spec.num_experts, read_gbps=read_gbps)
                 rows += loop_rows(spec, store, compute_threads)
             data["tables"] = rows
         if reads:
@@ -182,7 +186,7 @@ def extend_profile(path, specs, threads: int = 2, compute_threads: int = 1,
                 what = f"cold {stores_keys[0][0].mode} reads of held-out expert-store files"
             else:
                 tmp.append(tempfile.mkdtemp(prefix="moesim-readcal-", dir=disk_dir))
-                stores_keys = new_read_files(tmp[-1], sizes_mib)
+                stores_keys = new_read_files(tmp[-1], sizes_mib, read_gbps=read_gbps)
                 os.sync()
                 what = (f"cold {stores_keys[0][0].mode} reads of new files of "
                         f"{list(sizes_mib)} MiB")

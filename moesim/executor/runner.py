@@ -40,6 +40,7 @@ class RunSettings:
     compute_threads: int = 1
     device: str = "cpu"
     cold: str = "direct"
+    read_gbps: float | None = None  # emulated storage bandwidth (store.ReadLimiter); None: the disk's
     seed: int = 0
     warmup_tokens: int = 0  # the run's first tokens: a calibration phase validate excludes
 
@@ -48,6 +49,9 @@ class RunSettings:
             raise ExecutorError("--warmup-tokens must be at least 0")
         if self.io_threads < 1:
             raise ExecutorError("--io-threads must be at least 1")
+        if self.read_gbps is not None and not self.read_gbps > 0:
+            raise ExecutorError(f"--read-gbps {self.read_gbps}: the emulated read bandwidth must be "
+                                "positive (omit it to read at the disk's own speed)")
         if self.device not in ("cpu", "cuda"):
             raise ExecutorError(f"unknown device {self.device!r}; choose cpu or cuda")
 
@@ -213,6 +217,10 @@ def run(spec: StackSpec, store: ExpertStore, settings: RunSettings, *, trace=Non
     rec.transfers = [_transfer_row(tr) for tr in pool.log]
     rec.stats = policy.stats.to_dict()
     rec.cold_mode = store.mode
+    if store.limiter is not None:
+        rec.stats["emulated_read"] = {"gbps": store.limiter.bytes_per_s / 1e9,
+                                      "reads": store.limiter.reads,
+                                      "reads_slower_than_emulated": store.limiter.slow_reads}
     rec.file_header_bytes = header_bytes(store, int(all_keys[0])) if len(all_keys) else 0
     return rec
 

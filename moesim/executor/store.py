@@ -7,6 +7,10 @@ before it is read. Tensors are views of the read buffer (no second copy).
 
 Payload bytes (the tensors) are what the simulator counts as an expert's bytes; the file adds
 a small safetensors header, and an ``O_DIRECT`` read is rounded up to whole 4 KiB blocks.
+
+``read_gbps`` emulates a storage device of a given bandwidth on top of the real reads
+(``ReadLimiter``): a target device slower than this machine's disk (a phone's UFS, a SATA SSD),
+or a steady device on a disk whose speed drifts (a cloud VM's shared block device).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,15 +59,56 @@ def _torch_dtype(name: str):
     return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[name]
 
 
+class ReadLimiter:
+    """A storage device of ``gbps`` GB/s serving reads one after another (first come, first
+    served across I/O threads), laid over the real reads.
+
+    A read of n bytes that reaches the device at t ends at max(t, device free) + n / bandwidth;
+    the real read runs inside that window and the thread then sleeps to its end. When the real
+    read takes longer (the disk is slower than the emulated device), it ends when it ends and
+    the device stays busy until then; ``slow_reads`` counts those, so a run can show that the
+    emulated bandwidth was not held."""
+
+    def __init__(self, gbps: float):
+        if not gbps > 0:
+            raise ExecutorError(f"read bandwidth {gbps} GB/s must be positive; omit it for the "
+                                "disk's own speed")
+        self.bytes_per_s = float(gbps) * 1e9
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+        self.reads = 0
+        self.slow_reads = 0
+
+    def reserve(self, nbytes: int) -> float:
+        """Book the device for a read of ``nbytes`` starting now; return when it ends."""
+        with self._lock:
+            start = max(time.perf_counter(), self._free_at)
+            self._free_at = start + nbytes / self.bytes_per_s
+            return self._free_at
+
+    def finish(self, end_at: float) -> None:
+        """Wait until the booked end of a read whose real bytes have arrived."""
+        now = time.perf_counter()
+        with self._lock:
+            self.reads += 1
+            if now > end_at:
+                self.slow_reads += 1
+                self._free_at = max(self._free_at, now)
+        if now < end_at:
+            time.sleep(end_at - now)
+
+
 class ExpertStore:
     """Folder of ``L{layer:03d}_E{expert:04d}.safetensors`` files plus ``store.json``."""
 
-    def __init__(self, root: str | os.PathLike, num_experts: int, cold: str = "direct"):
+    def __init__(self, root: str | os.PathLike, num_experts: int, cold: str = "direct",
+                 read_gbps: float | None = None):
         self.root = Path(root)
         self.num_experts = int(num_experts)
         if cold not in ("direct", "fadvise", "none"):
             raise ExecutorError(f"unknown cold-read mode {cold!r}; choose direct, fadvise or none")
         self.cold = cold
+        self.limiter = ReadLimiter(read_gbps) if read_gbps is not None else None
         self._direct_ok: bool | None = None
         self._free: dict[int, list] = {}  # size -> read buffers handed back (pages faulted in)
         self._lock = threading.Lock()
@@ -177,6 +223,7 @@ class ExpertStore:
         fd, direct = self._open(p)
         try:
             n = -(-size // BLOCK) * BLOCK if direct else size
+            end_at = self.limiter.reserve(n) if self.limiter else None
             buf = self._buffer(-(-max(n, BLOCK) // BLOCK) * BLOCK)
             view = memoryview(buf)
             got = 0
@@ -187,6 +234,8 @@ class ExpertStore:
                 got += r
         finally:
             os.close(fd)
+        if end_at is not None:
+            self.limiter.finish(end_at)
         if got < size:
             raise ExecutorError(f"{p}: short read ({got} of {size} bytes)")
         (hlen,) = struct.unpack_from("<Q", buf, 0)
