@@ -9,8 +9,16 @@ traces read at run time from ../shared/data (never copied into the repository). 
 2. for each combination: ``moesim run-real`` (experts read cold from disk with O_DIRECT by the
    I/O threads into a RAM cache run by the policy object), then ``moesim validate``.
 
+``--read-gbps G`` reads every expert through an emulated storage device of G GB/s laid over
+the real O_DIRECT reads (``moesim.executor.store.ReadLimiter``), calibration included: this VM's
+disk switches between about 3.4 and 1.1 GB/s in streaks of seconds to minutes, which no profile
+taken before a run can predict (benchmarks/disk_regimes.py measures it). With G below the slow
+speed, the device the runs read from holds one bandwidth, and the comparison tests the model
+(misses, overlap, compute, overhead) rather than the host's disk weather. ``--read-gbps 0``
+reads at the disk's own speed (the committed cpu_validation_raw_disk.* results).
+
 Prints one line per run and writes benchmarks/results/cpu_validation.{json,md}.
-Run: python benchmarks/cpu_validation.py [--tokens 48] [--layers 3] [--io-threads 2]
+Run: python benchmarks/cpu_validation.py [--tokens 48] [--layers 3] [--read-gbps 0.7]
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ def main() -> None:
                     help="Seconds to wait after writing the stores, before measuring.")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "moesim-cpu-validation"),
                     help="Folder on the disk for the expert store and run files.")
+    ap.add_argument("--read-gbps", type=float, default=0.7,
+                    help="Emulated storage bandwidth in GB/s over the real reads; 0: the disk's own.")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_validation"))
     args = ap.parse_args()
 
@@ -76,7 +86,8 @@ def main() -> None:
     base = work / "hardware.yaml"
     write_text_atomic(base, yaml.safe_dump(measure_machine(str(work), quick=True),
                                            sort_keys=False))
-    stores = [store_for(work / "store", spec) for spec in specs]
+    gbps = args.read_gbps or None
+    stores = [store_for(work / "store", spec, read_gbps=gbps) for spec in specs]
     keys = np.unique(forced_stream(routing, specs[0]).keys)
     heldout = np.arange(HELDOUT) + args.layers * E  # files of a layer the runs never read
     for spec, store in zip(specs, stores, strict=True):
@@ -103,7 +114,7 @@ def main() -> None:
                                    stores_keys=[(store, pick) for store in stores])
                     settings = RunSettings(policy=policy, capacity_experts=cap,
                                            io_threads=args.io_threads,
-                                           warmup_tokens=args.warmup)
+                                           warmup_tokens=args.warmup, read_gbps=gbps)
                     run = capture(spec, settings, work / "store", trace=routing)
                     path = run.write(work / "runs" / f"{name}.parquet")
                     r = validate(path, profile)
@@ -118,6 +129,9 @@ def main() -> None:
                         "overhead_predicted_s", "read_mean_measured_s", "reads_slow_pct",
                         "io_replay_mape")}
                     row["repeat"] = _
+                    emulated = run.meta.capture["policy_stats"].get("emulated_read")
+                    row["reads_slower_than_emulated"] = (
+                        None if emulated is None else emulated["reads_slower_than_emulated"])
                     row["profile_only"] = {k: only[k] for k in (
                         "latency_mape", "p50_error", "p99_error", "latency_bias_pct",
                         "read_error_pct", "dense_error_pct", "expert_error_pct")}
@@ -141,7 +155,8 @@ def main() -> None:
     summary = {
         "command": "python benchmarks/cpu_validation.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in
-            ("tokens", "warmup", "layers", "io_threads", "task", "repeats")),
+            ("tokens", "warmup", "layers", "io_threads", "task", "repeats", "read_gbps")),
+        "read_gbps": gbps,
         "routing": f"ESFT {args.task} (DeepSeek-V2-Lite routing), layers "
                    f"{args.first_layer}..{args.first_layer + args.layers - 1}, first "
                    f"{args.warmup} tokens as warm-up then {args.tokens} measured tokens, read "
@@ -183,7 +198,11 @@ def _markdown(s: dict) -> str:
     lines = [f"# CPU validation: `{s['command']}`", "",
              f"Machine: {s['machine'].get('cpu_model', s['machine'].get('processor'))}, "
              f"{s['machine']['cpus']} CPUs; torch {s['versions'].get('torch')}; cold reads: "
-             f"{s['cold_read']}. Routing: {s['routing']}. Calibration: {s['calibration']}. "
+             f"{s['cold_read']}" + (f" through an emulated {s['read_gbps']} GB/s device "
+             "(store.ReadLimiter; reads slower than it, per run: "
+             f"{[r['reads_slower_than_emulated'] for r in s['runs']]})" if s.get("read_gbps")
+             else " at the disk's own speed") + f". Routing: {s['routing']}. "
+             f"Calibration: {s['calibration']}. "
              f"Load average (1, 5, 15 min) before: "
              f"{', '.join(f'{x:.2f}' for x in s['load_avg_before'])}; after: "
              f"{', '.join(f'{x:.2f}' for x in s['load_avg_after'])}.", "",
