@@ -75,27 +75,24 @@ def main() -> None:
     time.sleep(2)
     rows = sample(path, args.seconds, args.chunk_mib * MIB, args.gap)
     gbps = np.array([r[1] for r in rows])
-    # two levels: split at the midpoint of the extremes' medians (robust to a few outliers)
-    lo, hi = np.percentile(gbps, 10), np.percentile(gbps, 90)
-    fast = gbps > (lo + hi) / 2
-    switches = int(np.count_nonzero(fast[1:] != fast[:-1]))
+    q = {f"gbps_p{p}": float(np.percentile(gbps, p)) for p in (0, 10, 50, 90, 100)}
+    edges = np.arange(0.0, np.ceil(gbps.max() * 4) / 4 + 0.25, 0.25)
+    hist, _ = np.histogram(gbps, edges)
     summary = {
-        "command": f"python benchmarks/disk_regimes.py --seconds {args.seconds} --chunk-mib {args.chunk_mib} --gap {args.gap}",
-        "samples": len(rows), "chunk_mib": args.chunk_mib,
-        "gbps_min": float(gbps.min()), "gbps_p10": float(lo), "gbps_median": float(np.median(gbps)),
-        "gbps_p90": float(hi), "gbps_max": float(gbps.max()),
-        "fast_fraction": float(fast.mean()), "switches": switches,
-        "fast_level_gbps": float(np.median(gbps[fast])) if fast.any() else None,
-        "slow_level_gbps": float(np.median(gbps[~fast])) if (~fast).any() else None,
+        "command": f"python benchmarks/disk_regimes.py --seconds {args.seconds} "
+                   f"--chunk-mib {args.chunk_mib} --gap {args.gap}",
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "samples": len(rows), "chunk_mib": args.chunk_mib, **q,
+        "cv": float(gbps.std() / gbps.mean()),
+        "histogram_gbps": {f"{lo:.2f}-{lo + 0.25:.2f}": int(n) for lo, n in zip(edges[:-1], hist, strict=True) if n},
         "load_avg_1min": os.getloadavg()[0],
         "series": [[round(t, 2), round(g, 3)] for t, g in rows],
     }
     write_json_atomic(Path(args.out), summary)
-    print(f"{len(rows)} reads of {args.chunk_mib} MiB over {args.seconds:.0f} s: "
-          f"min {gbps.min():.2f}  P10 {lo:.2f}  median {np.median(gbps):.2f}  P90 {hi:.2f}  "
-          f"max {gbps.max():.2f} GB/s; fast level {summary['fast_level_gbps'] or 0:.2f}, slow "
-          f"{summary['slow_level_gbps'] or 0:.2f} GB/s, {fast.mean():.0%} of samples fast, "
-          f"{switches} switches; wrote {args.out}")
+    print(f"{len(rows)} reads of {args.chunk_mib} MiB over {args.seconds:.0f} s: GB/s min "
+          f"{q['gbps_p0']:.2f}  P10 {q['gbps_p10']:.2f}  median {q['gbps_p50']:.2f}  P90 "
+          f"{q['gbps_p90']:.2f}  max {q['gbps_p100']:.2f}  (CV {summary['cv']:.2f}); histogram "
+          f"{summary['histogram_gbps']}; wrote {args.out}")
     path.unlink(missing_ok=True)
 
 
