@@ -1,7 +1,9 @@
 """Figures of merit of any plan, on the trace it was planned on or on another one.
 
 Load model: an expert's tokens split evenly over its replicas (uniform replica choice, as SGLang
-"dynamic" and vLLM do). Token-level figures need a routing trace; with loads only they are None.
+"dynamic" and vLLM do), or, with ``selection="nearest"`` (SGLang "static"), each node's share of
+an expert's tokens served by the expert's replicas on that node when it has some
+(``objectives.replica_loads``). Token-level figures need a routing trace; with loads only they are None.
 
 - balance: per layer max / mean GPU load; ``max_mean_load`` = its mean over layers;
   ``balancedness`` = sum over layers of mean load / sum of max load (vLLM's definition);
@@ -22,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from moesim.planners.inputs import PlacementError
-from moesim.planners.objectives import shares
+from moesim.planners.objectives import shares, source_node_shares
 from moesim.planners.plan import Plan
 
 ROW_CHUNK = 1 << 15
@@ -36,10 +38,10 @@ def _check(plan: Plan, num_layers: int, num_experts: int, what: str) -> None:
         )
 
 
-def balance_metrics(plan: Plan, load: np.ndarray) -> dict:
+def balance_metrics(plan: Plan, load: np.ndarray, selection: str | None = None) -> dict:
     load = np.asarray(load, float)
     _check(plan, *load.shape, "load matrix")
-    gpu = plan.gpu_loads(load)  # [L, P]
+    gpu = plan.gpu_loads(load, selection)  # [L, P]
     node_of = np.arange(plan.num_gpus) // (plan.num_gpus // plan.num_nodes)
     node = np.stack([np.bincount(node_of, weights=row, minlength=plan.num_nodes) for row in gpu])
     mean, peak = gpu.mean(axis=1), gpu.max(axis=1)
@@ -55,8 +57,12 @@ def balance_metrics(plan: Plan, load: np.ndarray) -> dict:
     }
 
 
-def traffic_metrics(plan: Plan, trace) -> dict:
-    """Token-level traffic figures from a routing trace (streamed)."""
+def traffic_metrics(plan: Plan, trace, selection: str | None = None) -> dict:
+    """Token-level traffic figures from a routing trace (streamed), under the replica selection
+    rule (default: the plan's). With ``nearest`` the node figures are exact expectations over
+    the source node (``objectives.source_node_shares``); the GPU figures (distinct GPUs, hops)
+    stay the uniform-choice ones."""
+    selection = selection or plan.replica_selection
     meta = trace.meta
     _check(plan, meta.num_layers, meta.num_experts, "trace")
     P, N = plan.num_gpus, plan.num_nodes
@@ -64,10 +70,13 @@ def traffic_metrics(plan: Plan, trace) -> dict:
     per_gpu = plan.per_gpu()
     f_gpu = np.empty((plan.num_layers, plan.num_experts, P))
     f_node = np.empty((plan.num_layers, plan.num_experts, N))
+    q_node = np.empty((plan.num_layers, N, plan.num_experts, N)) if selection != "uniform" else None
     for lay in range(plan.num_layers):
         f_gpu[lay], f_node[lay] = shares(per_gpu[lay], node_of, N)
+        if q_node is not None:
+            q_node[lay] = source_node_shares(per_gpu[lay], node_of, N, selection)
     rows = 0
-    gpus = nodes = 0.0
+    gpus = nodes = cross = 0.0
     hops = 0.0
     prev = None  # last row of the previous batch: (key, layer, top-1 expert)
     token_keys = set()
@@ -77,9 +86,16 @@ def traffic_metrics(plan: Plan, trace) -> dict:
         for s in range(0, len(layer), ROW_CHUNK):
             lay, e = layer[s:s + ROW_CHUNK], ids[s:s + ROW_CHUNK]
             miss_g = np.prod(1 - f_gpu[lay[:, None], e], axis=1)  # [n, P]
-            miss_n = np.prod(1 - f_node[lay[:, None], e], axis=1)
             gpus += float((1 - miss_g).sum())
-            nodes += float((1 - miss_n).sum())
+            if q_node is None:
+                miss_n = np.prod(1 - f_node[lay[:, None], e], axis=1)
+                nodes += float((1 - miss_n).sum())
+                cross += float((1 - miss_n).sum()) * (1 - 1 / N)
+            else:  # source node s with probability 1/N
+                for s_node in range(N):
+                    reached = 1 - np.prod(1 - q_node[lay[:, None], s_node, e], axis=1)  # [n, N]
+                    nodes += float(reached.sum()) / N
+                    cross += float(reached.sum() - reached[:, s_node].sum()) / N
         rows += len(layer)
         key = (b.request_id.astype(np.int64) << 32) | b.token_pos.astype(np.int64)
         token_keys.update(np.unique(key).tolist())
@@ -97,13 +113,14 @@ def traffic_metrics(plan: Plan, trace) -> dict:
         "dest_gpus_per_token": gpus / max(rows, 1),
         "dest_nodes_per_token": nodes / max(rows, 1),
         "cross_gpu_tokens": gpus * (1 - 1 / P),
-        "cross_node_tokens": nodes * (1 - 1 / N),
+        "cross_node_tokens": cross,
+        "replica_selection": selection,
         "gpu_hops_per_token": hops / tokens,
     }
 
 
 def comm_times(plan: Plan, trace, hidden: int, cluster=None, dispatcher: str = "deepep-normal",
-               tokens_per_gpu: int = 4096, max_layers: int | None = None) -> dict:
+               tokens_per_gpu: int = 4096, max_layers: int | None = None, selection: str | None = None) -> dict:
     """Modelled dispatch and combine seconds per MoE layer step through ``moesim.comm``.
 
     The trace's tokens are dealt to the GPUs round-robin as one micro-batch of
@@ -116,6 +133,7 @@ def comm_times(plan: Plan, trace, hidden: int, cluster=None, dispatcher: str = "
     from moesim.hardware import get_cluster
 
     P, N = plan.num_gpus, plan.num_nodes
+    nearest = (selection or plan.replica_selection) == "nearest"  # moesim.comm's "nearest": same GPU, node, first
     if cluster is None:
         base = get_cluster("h100-ib")
         cluster = base.model_copy(update={"num_nodes": N, "gpus_per_node": P // N})
@@ -130,7 +148,8 @@ def comm_times(plan: Plan, trace, hidden: int, cluster=None, dispatcher: str = "
     layers = range(plan.num_layers if max_layers is None else min(max_layers, plan.num_layers))
     dispatch, combine = [], []
     for lay in layers:
-        placement = comm.Placement.from_slots(plan.phy2log[lay], P, plan.num_experts)
+        placement = comm.Placement.from_slots(plan.phy2log[lay], P, plan.num_experts,
+                                              selection="nearest" if nearest else "random")
         ids = experts[idx, lay].astype(np.int64)
         res = comm.layer_comm(cluster, hidden=hidden, dispatcher=dispatcher, placement=placement,
                               src_gpu=src, expert_ids=ids)
@@ -174,19 +193,21 @@ def _largest_gap(gaps) -> float | None:
 
 
 def evaluate(plan: Plan, trace=None, load: np.ndarray | None = None, previous=None, expert_bytes: int = 0,
-             hidden: int | None = None, dispatcher: str = "deepep-normal") -> dict:
-    """All figures for a plan: from a trace (load and token-level) or from a load matrix."""
+             hidden: int | None = None, dispatcher: str = "deepep-normal", selection: str | None = None) -> dict:
+    """All figures for a plan: from a trace (load and token-level) or from a load matrix, under
+    the replica selection rule ``selection`` (default: the one the plan was made for)."""
     if trace is None and load is None:
         raise PlacementError("evaluate needs a trace or a load matrix")
     if load is None:
         load = trace.load_matrix()
-    out = balance_metrics(plan, load)
+    out = balance_metrics(plan, load, selection)
+    out["replica_selection"] = selection or plan.replica_selection
     routing = trace is not None and not trace.is_counts
-    out.update(traffic_metrics(plan, trace) if routing else
+    out.update(traffic_metrics(plan, trace, selection) if routing else
                {"cross_node_tokens": None, "cross_gpu_tokens": None, "dest_gpus_per_token": None,
                 "dest_nodes_per_token": None, "gpu_hops_per_token": None})
     out.update(operational_metrics(plan, previous, expert_bytes))
     out["comm"] = None
     if routing and hidden:
-        out["comm"] = comm_times(plan, trace, hidden, dispatcher=dispatcher)
+        out["comm"] = comm_times(plan, trace, hidden, dispatcher=dispatcher, selection=selection)
     return out

@@ -136,11 +136,15 @@ def plan_layers(problem: PlacementProblem, objective: Objective, time_limit: flo
         warm_row = rows[warm_from]
         warm = replicas_per_gpu(warm_row[None], E, P)[0]
         left = max(0.05, t0 + layer_share - time.perf_counter())
-        res = solve_layer(problem, objective, lay, warm, prev_row=prev_row, cap=cap,
-                          time_limit=0.6 * left if hyper else left, mip_gap=mip_gap, threads=threads, seed=seed)
-        row, value = _keep_better(problem, objective, lay, res.per_gpu, warm_row, warm_value, cap, prev_row)
+        if problem.replica_selection == "uniform":
+            res = solve_layer(problem, objective, lay, warm, prev_row=prev_row, cap=cap,
+                              time_limit=0.6 * left if hyper else left, mip_gap=mip_gap, threads=threads, seed=seed)
+            row, value = _keep_better(problem, objective, lay, res.per_gpu, warm_row, warm_value, cap, prev_row)
+        else:  # the MILPs' loads are linear in x only when every replica carries load / count
+            res = _NoMilp(problem.replica_selection)
+            row, value = warm_row, warm_value
         fixed = None
-        if hyper and _one_node_each(problem, row):
+        if hyper and problem.replica_selection == "uniform" and _one_node_each(problem, row):
             per_gpu = replicas_per_gpu(row[None], E, P)[0]
             fixed = solve_layer(problem, objective, lay, per_gpu, prev_row=prev_row, cap=cap,
                                  time_limit=max(0.05, t0 + layer_share - time.perf_counter()), mip_gap=mip_gap,
@@ -194,5 +198,15 @@ def _trivial_bound(problem, objective, lay, load_bound) -> float:
         return -np.inf
     total = problem.load[lay].sum()
     mean = total / problem.cluster.num_gpus if total > 0 else 1.0
-    return (wts.get("balance", 0) * load_bound / mean + wts.get("node_balance", 0)
-            + wts.get("cross_node", 0) * (1 - 1 / problem.cluster.num_nodes))
+    # nearest selection: a token whose experts all have a replica on its node stays there
+    cross = (1 - 1 / problem.cluster.num_nodes) if problem.replica_selection == "uniform" else 0.0
+    return wts.get("balance", 0) * load_bound / mean + wts.get("node_balance", 0) + wts.get("cross_node", 0) * cross
+
+
+class _NoMilp:
+    """What a layer reports when no MILP ran (nearest replica selection: loads depend on which
+    nodes hold an expert's replicas, not linear in x): no bound beyond the trivial one."""
+
+    def __init__(self, selection):
+        self.bound = -np.inf
+        self.status = f"no MILP ({selection} selection)"

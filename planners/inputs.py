@@ -18,6 +18,8 @@ from moesim.errors import MoesimError
 # H100 NVLink4 ~370 GB/s for NCCL P2P, ConnectX-7 400 Gb/s ~48 GB/s per NIC.
 DEFAULT_NVLINK_BPS = 370e9
 DEFAULT_NETWORK_BPS = 48e9
+# replica selection rules the load model and the traffic terms know (objectives.replica_loads)
+REPLICA_SELECTIONS = ("uniform", "nearest")
 
 
 class PlacementError(MoesimError):
@@ -96,8 +98,15 @@ class PlacementProblem:
     expert_bytes: int = 0
     stats: RoutingStats | None = None
     source: dict = field(default_factory=dict)
+    # how a token picks among an expert's replicas: "uniform" (SGLang dynamic, vLLM) or
+    # "nearest" (SGLang static: a replica on the token's node if there is one); see objectives.py
+    replica_selection: str = "uniform"
 
     def __post_init__(self):
+        if self.replica_selection not in REPLICA_SELECTIONS:
+            from moesim.errors import unknown_name
+
+            raise unknown_name("replica selection", self.replica_selection, REPLICA_SELECTIONS)
         load = np.asarray(self.load, dtype=float)
         if load.ndim != 2 or load.shape[0] < 1 or load.shape[1] < 1:
             raise PlacementError(f"loads must be a [layers, experts] matrix, got shape {load.shape}")

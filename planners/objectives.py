@@ -23,6 +23,12 @@ GPU g serves under uniform replica choice; likewise per node):
   expert pairs whose GPUs differ.
 - ``migration``: replicas placed on a GPU that did not hold that expert in the previous plan,
   per slot (times expert bytes = bytes migrated).
+
+``problem.replica_selection == "nearest"`` (SGLang "static" dispatch: a replica on the token's
+own node when there is one) changes two things: GPU loads (``replica_loads``: each node's share
+of an expert goes to its replicas on that node) and ``cross_node`` (``source_node_shares``: a
+token from node s sends nothing off-node for an expert that has a replica on s), averaged over
+the source node exactly. ``cross_gpu`` and ``hops`` stay the uniform-choice proxies.
 """
 
 from __future__ import annotations
@@ -114,6 +120,73 @@ def shares(per_gpu: np.ndarray, node_of: np.ndarray, num_nodes: int):
     return f_gpu, f_node
 
 
+def node_counts(per_gpu: np.ndarray, node_of: np.ndarray, num_nodes: int) -> np.ndarray:
+    """``c[e, m]``: replicas of each expert on each node."""
+    out = np.zeros((per_gpu.shape[0], num_nodes))
+    for m in range(num_nodes):
+        out[:, m] = per_gpu[:, node_of == m].sum(axis=1)
+    return out
+
+
+def replica_loads(per_gpu: np.ndarray, w: np.ndarray, node_of: np.ndarray, num_nodes: int,
+                  selection: str = "uniform") -> np.ndarray:
+    """``[E, P]``: load one replica of expert e carries on GPU g (meaningful where e has one).
+
+    Tokens' sources are spread evenly over the GPUs, so every node sends ``w_e / N`` of expert
+    e's tokens. ``uniform``: every replica gets ``w_e / c_e``. ``nearest`` (SGLang "static"
+    dispatch): node s's share goes to e's replicas on s, split evenly (a source GPU holding a
+    replica keeps its own tokens, the node's other GPUs spread theirs over the node's replicas:
+    with the sources even, each replica on s still carries ``w_e / (N c_es)``); a node without a
+    replica spreads its share evenly over all ``c_e`` replicas. A replica on node m thus carries
+    ``w_e / N x (1 / c_em + n0_e / c_e)``, ``n0_e`` = nodes without a replica of e; summed over
+    the replicas this is ``w_e`` (loads are conserved)."""
+    cnt = np.maximum(per_gpu.sum(axis=1), 1).astype(float)
+    if selection == "uniform":
+        return np.broadcast_to((w / cnt)[:, None], per_gpu.shape)
+    if selection != "nearest":
+        raise ValueError(f"unknown replica selection {selection!r}")
+    c = node_counts(per_gpu, node_of, num_nodes)
+    n0 = (c == 0).sum(axis=1)
+    per_node = np.where(c > 0, (w / num_nodes)[:, None] * (1 / np.maximum(c, 1) + (n0 / cnt)[:, None]), 0.0)
+    return per_node[:, node_of]
+
+
+def gpu_loads(per_gpu: np.ndarray, w: np.ndarray, node_of: np.ndarray, num_nodes: int,
+              selection: str = "uniform") -> np.ndarray:
+    """``[P]`` GPU loads of one layer's ``per_gpu`` ([E, P] replicas) under the selection rule."""
+    return (per_gpu * replica_loads(per_gpu, w, node_of, num_nodes, selection)).sum(axis=0)
+
+
+def source_node_shares(per_gpu: np.ndarray, node_of: np.ndarray, num_nodes: int,
+                       selection: str = "uniform") -> np.ndarray:
+    """``q[s, e, m]``: probability that a token from node s sends its copy for expert e to node m.
+    Uniform: ``f[e, m]`` whatever s. Nearest: node s itself when e has a replica there, else
+    ``f[e, m]``."""
+    _, f_node = shares(per_gpu, node_of, num_nodes)
+    q = np.broadcast_to(f_node, (num_nodes, *f_node.shape)).copy()
+    if selection == "nearest":
+        local = node_counts(per_gpu, node_of, num_nodes) > 0  # [E, N]
+        for s in range(num_nodes):
+            q[s][local[:, s]] = np.eye(num_nodes)[s]
+    return q
+
+
+def token_nodes(sets: np.ndarray, weight: np.ndarray, q: np.ndarray) -> tuple[float, float]:
+    """Per token (weighted mean over expert sets), with the source node uniform: expected
+    distinct destination nodes and expected copies that leave the source node."""
+    N = q.shape[0]
+    if len(sets) == 0:
+        return 0.0, 0.0
+    nodes = cross = 0.0
+    for s in range(N):
+        reached = 1 - np.prod(1 - q[s][sets], axis=1)  # [U, N]
+        per_set = reached.sum(axis=1)
+        nodes += float((weight * per_set).sum())
+        cross += float((weight * (per_set - reached[:, s])).sum())
+    total = weight.sum() * N
+    return nodes / total, cross / total
+
+
 def layer_terms(problem: PlacementProblem, objective: Objective, layer: int, row: np.ndarray,
                 prev_row: np.ndarray | None = None) -> dict[str, float]:
     """Every weighted term of the objective for one layer's slot map ``row``."""
@@ -122,8 +195,7 @@ def layer_terms(problem: PlacementProblem, objective: Objective, layer: int, row
     node_of = c.node_of()
     w = problem.load[layer]
     per_gpu = replicas_per_gpu(row[None], E, P)[0]
-    cnt = np.maximum(per_gpu.sum(axis=1), 1)
-    gpu_load = (w / cnt) @ per_gpu
+    gpu_load = gpu_loads(per_gpu, w, node_of, N, problem.replica_selection)
     total = w.sum()
     out = {}
     weights = objective.weights
@@ -135,7 +207,12 @@ def layer_terms(problem: PlacementProblem, objective: Objective, layer: int, row
     f_gpu, f_node = shares(per_gpu, node_of, N)
     tokens = max(problem.stats.tokens[layer], 1) if problem.stats is not None else 1
     if weights.get("cross_node", 0) > 0:
-        out["cross_node"] = cross_node_per_token(problem, layer, f_node)
+        if problem.replica_selection == "uniform":
+            out["cross_node"] = cross_node_per_token(problem, layer, f_node)
+        else:
+            sets, weight = problem.stats.token_sets[layer]
+            q = source_node_shares(per_gpu, node_of, N, problem.replica_selection)
+            out["cross_node"] = token_nodes(sets, weight, q)[1]
     if weights.get("cross_gpu", 0) > 0:
         e, g, co = traffic_pairs(problem, layer, objective.max_pairs)
         together = np.minimum(f_gpu[e], f_gpu[g]).sum(axis=1)
@@ -178,13 +255,17 @@ def plan_values(problem: PlacementProblem, objective: Objective, phy2log: np.nda
 
 def max_gpu_load(problem: PlacementProblem, phy2log: np.ndarray, layers=None) -> np.ndarray:
     """Max GPU load of each layer of a plan (or of the given ``layers``, one map row each)
-    under the even-split load model."""
+    under the problem's load model (``replica_loads``: even split, or nearest selection)."""
     load = problem.load if layers is None else problem.load[np.atleast_1d(layers)]
     if load.shape[0] != phy2log.shape[0]:
         raise ValueError("one map row per layer is needed")
-    per_gpu = replicas_per_gpu(phy2log, problem.num_experts, problem.cluster.num_gpus)
-    share = load / np.maximum(replica_counts(phy2log, problem.num_experts), 1)
-    return np.einsum("le,leg->lg", share, per_gpu).max(axis=1)
+    c = problem.cluster
+    per_gpu = replicas_per_gpu(phy2log, problem.num_experts, c.num_gpus)
+    if problem.replica_selection == "uniform":
+        share = load / np.maximum(replica_counts(phy2log, problem.num_experts), 1)
+        return np.einsum("le,leg->lg", share, per_gpu).max(axis=1)
+    return np.array([gpu_loads(x, w, c.node_of(), c.num_nodes, problem.replica_selection).max()
+                     for x, w in zip(per_gpu, load, strict=True)])
 
 
 def balance_bound(problem: PlacementProblem) -> np.ndarray:

@@ -40,21 +40,29 @@ def token_sets(experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def distinct_nodes(node: np.ndarray, sets: np.ndarray, weight: np.ndarray, num_nodes: int) -> float:
-    """Mean number of nodes a token's experts sit on (``node[e]``: each expert on one node)."""
-    hit = np.zeros((len(sets), num_nodes), dtype=bool)
+    """Mean number of nodes a token's experts sit on (``node[e]``: each expert on one node;
+    ``node[e] == num_nodes`` marks an expert replicated on every node, which a token reaches on
+    its own node under nearest replica selection, so it adds no node)."""
+    hit = np.zeros((len(sets), num_nodes + 1), dtype=bool)
     hit[np.repeat(np.arange(len(sets)), sets.shape[1]), node[sets].ravel()] = True
-    return float((weight * hit.sum(axis=1)).sum() / max(weight.sum(), 1e-300))
+    return float((weight * hit[:, :num_nodes].sum(axis=1)).sum() / max(weight.sum(), 1e-300))
 
 
 class NodeSearch:
-    """Per-token node counts of one layer and the exact deltas of moves and swaps."""
+    """Per-token node counts of one layer and the exact deltas of moves and swaps.
+
+    Positions are the nodes 0..N-1 and, when ``positions == N + 1``, the pseudo-node N,
+    "replicated on every node": with nearest replica selection a token reaches such an expert on
+    its own node, so it is left out of the count (its column of ``count`` is never counted,
+    and the move/swap formulas hold with its ``empty`` and ``single`` columns set to zero)."""
 
     def __init__(self, sets: np.ndarray, weight: np.ndarray, num_experts: int, num_nodes: int,
-                 node: np.ndarray):
+                 node: np.ndarray, positions: int | None = None):
         import scipy.sparse as sp
 
         U, K = sets.shape
         self.E, self.N = num_experts, num_nodes
+        self.positions = num_nodes if positions is None else positions
         self.weight = weight
         row = np.repeat(np.arange(U), K)
         self.incidence = sp.csr_matrix((np.ones(U * K), (row, sets.ravel())), shape=(U, num_experts))
@@ -62,18 +70,20 @@ class NodeSearch:
         by_expert = self.incidence.tocsc()
         self.tokens_of = [by_expert.indices[by_expert.indptr[e]:by_expert.indptr[e + 1]] for e in range(num_experts)]
         self.node = np.asarray(node, dtype=np.int64).copy()
-        self.count = np.zeros((U, num_nodes))
+        self.count = np.zeros((U, self.positions))
         np.add.at(self.count, (row, self.node[sets].ravel()), 1)
 
     def value(self) -> float:
         """Weighted sum over token sets of the nodes each reaches."""
-        return float((self.weight * (self.count > 0).sum(axis=1)).sum())
+        return float((self.weight * (self.count[:, :self.N] > 0).sum(axis=1)).sum())
 
     def deltas(self) -> tuple[np.ndarray, np.ndarray]:
         """``move[e, m]`` and ``swap[e, f]``: change of ``value()`` (negative = better)."""
         E = self.E
         empty = (self.count == 0).astype(float)
         single = (self.count == 1).astype(float)
+        empty[:, self.N:] = 0  # the every-node pseudo-node never adds a node
+        single[:, self.N:] = 0
         move = self.weighted_t @ empty
         move -= (self.weighted_t @ single)[np.arange(E), self.node][:, None]
         both = (self.weighted_t @ self.incidence.multiply(single[:, self.node]).tocsr()).toarray()
@@ -91,54 +101,83 @@ class NodeSearch:
 class Limits:
     """Node capacity: load <= ``cap`` and slot demand <= ``slots`` on every node, and no two
     experts marked in ``conflict`` on one node (pairs of heavy experts whose replicas could not
-    be packed together onto the node's GPUs; the caller learns them, see ``locality.py``)."""
+    be packed together onto the node's GPUs; the caller learns them, see ``locality.py``).
 
-    def __init__(self, load: np.ndarray, demand: np.ndarray, num_nodes: int, cap: float, slots: int):
+    With ``spread_demand`` (nearest replica selection and spare slots) an expert may also take
+    the pseudo-node N, "a replica set on every node": it then adds ``load / N`` and
+    ``spread_demand`` slots to every node (each node's tokens stay on the node). Moves and
+    swaps are checked through ``contrib[e, position, node]``, what expert e at a position adds
+    to each node."""
+
+    def __init__(self, load: np.ndarray, demand: np.ndarray, num_nodes: int, cap: float, slots: int,
+                 spread_demand: np.ndarray | None = None):
         self.load, self.demand, self.N, self.cap, self.slots = load, demand, num_nodes, cap, slots
         self.tol = cap * 1e-12
-        self.conflict = np.zeros((len(load), len(load)), dtype=bool)
+        E, N = len(load), num_nodes
+        self.conflict = np.zeros((E, E), dtype=bool)
+        self.positions = N + 1 if spread_demand is not None else N
+        self.c_load = np.zeros((E, self.positions, N))
+        self.c_demand = np.zeros((E, self.positions, N))
+        self.c_load[:, np.arange(N), np.arange(N)] = load[:, None]
+        self.c_demand[:, np.arange(N), np.arange(N)] = demand[:, None]
+        if spread_demand is not None:
+            self.c_load[:, N, :] = load[:, None] / N
+            self.c_demand[:, N, :] = np.asarray(spread_demand, float)[:, None]
 
     def clashes(self, node) -> np.ndarray:
-        """``[E, N]``: experts on node m that conflict with e."""
-        onehot = np.zeros((len(node), self.N))
+        """``[E, positions]``: experts at position m that conflict with e (none at the every-node
+        pseudo-node)."""
+        onehot = np.zeros((len(node), self.positions))
         onehot[np.arange(len(node)), node] = 1.0
+        onehot[:, self.N:] = 0
         return self.conflict.astype(float) @ onehot
 
     def usage(self, node):
-        return (np.bincount(node, weights=self.load, minlength=self.N),
-                np.bincount(node, weights=self.demand, minlength=self.N))
+        idx = np.arange(len(node))
+        return self.c_load[idx, node].sum(axis=0), self.c_demand[idx, node].sum(axis=0)
+
+    def _within(self, load, demand):
+        return ((load <= self.cap + self.tol) & (demand <= self.slots)).all(axis=-1)
 
     def feasible(self, node) -> bool:
         load, demand = self.usage(node)
-        return bool((load <= self.cap + self.tol).all() and (demand <= self.slots).all()
-                    and not self.clashes(node)[np.arange(len(node)), node].any())
+        return bool(self._within(load, demand) and not self.clashes(node)[np.arange(len(node)), node].any())
 
     def excess(self, load, demand):
-        """How far a node is over its limits (0 when within): load in units of the cap, slots
-        at a small weight so that repair may overfill a node's slots for a while to take a heavy
-        expert, then move light experts on to nodes with free slots."""
-        return np.maximum(load - self.cap, 0) / self.cap + SLOT_WEIGHT * np.maximum(demand - self.slots, 0)
+        """How far nodes are over their limits (0 when within), summed over the last axis: load in
+        units of the cap, slots at a small weight so that repair may overfill a node's slots for
+        a while to take a heavy expert, then move light experts on to nodes with free slots."""
+        return (np.maximum(load - self.cap, 0) / self.cap
+                + SLOT_WEIGHT * np.maximum(demand - self.slots, 0)).sum(axis=-1)
+
+    def after_move(self, node):
+        """``[E, positions, N]`` node loads and slot demands after moving e to each position."""
+        idx = np.arange(len(node))
+        load, demand = self.usage(node)
+        return (load - self.c_load[idx, node][:, None, :] + self.c_load,
+                demand - self.c_demand[idx, node][:, None, :] + self.c_demand)
+
+    def after_swap(self, node):
+        """``[E, E, N]`` node loads and slot demands after swapping e and f."""
+        idx = np.arange(len(node))
+        load, demand = self.usage(node)
+        here_l, here_d = self.c_load[idx, node], self.c_demand[idx, node]  # [E, N]
+        there_l, there_d = self.c_load[:, node], self.c_demand[:, node]  # [e, f, N]: e at f's position
+        dl = there_l - here_l[:, None, :]
+        dd = there_d - here_d[:, None, :]
+        return (load + dl + dl.transpose(1, 0, 2), demand + dd + dd.transpose(1, 0, 2))
 
     def move_ok(self, node) -> np.ndarray:
-        """``[E, N]``: moving e to m keeps node m within both limits."""
-        load, demand = self.usage(node)
-        ok = (load[None, :] + self.load[:, None] <= self.cap + self.tol) & \
-             (demand[None, :] + self.demand[:, None] <= self.slots) & (self.clashes(node) == 0)
+        """``[E, positions]``: moving e to m keeps every node within both limits."""
+        ok = self._within(*self.after_move(node)) & (self.clashes(node) == 0)
         ok[np.arange(len(node)), node] = False
         return ok
 
     def swap_ok(self, node) -> np.ndarray:
-        """``[E, E]``: swapping e and f keeps both nodes within both limits."""
-        load, demand = self.usage(node)
-        dl = self.load[None, :] - self.load[:, None]  # e's node gains f's load, loses e's
-        dd = self.demand[None, :] - self.demand[:, None]
-        here_l, here_d = load[node][:, None], demand[node][:, None]
-        there_l, there_d = load[node][None, :], demand[node][None, :]
+        """``[E, E]``: swapping e and f keeps every node within both limits."""
         clash = self.clashes(node)
-        to_there = clash[:, node] - self.conflict  # e joins f's node, f leaves it
-        return ((node[:, None] != node[None, :])
-                & (here_l + dl <= self.cap + self.tol) & (there_l - dl <= self.cap + self.tol)
-                & (here_d + dd <= self.slots) & (there_d - dd <= self.slots)
+        to_there = clash[:, node] - self.conflict * (node[None, :] < self.N)  # e joins f's node, f leaves it
+        return ((node[:, None] != node[None, :]) & self._within(*self.after_swap(node))
                 & (to_there == 0) & (to_there.T == 0))
 
 
@@ -150,24 +189,14 @@ def repair(search: NodeSearch, limits: Limits, max_steps: int = 2000) -> bool:
     for _ in range(max_steps):
         if limits.feasible(node):
             return True
-        load, demand = limits.usage(node)
-        excess = limits.excess(load, demand)
+        now = limits.excess(*limits.usage(node))
         move, swap = search.deltas()
-        a = node
-        # move e (node a) to m: nodes a and m change
-        la, da = load[a][:, None] - limits.load[:, None], demand[a][:, None] - limits.demand[:, None]
-        lm, dm = load[None, :] + limits.load[:, None], demand[None, :] + limits.demand[:, None]
-        relief = excess[a][:, None] + excess[None, :] - limits.excess(la, da) - limits.excess(lm, dm)
-        relief[np.arange(E), a] = 0
+        relief = now - limits.excess(*limits.after_move(node))
+        relief[np.arange(E), node] = 0
         score = np.where(relief > 1e-12, move / np.maximum(relief, 1e-12), np.inf)
         i = np.unravel_index(int(np.argmin(score)), score.shape)
-        # swap e (node a) with f (node b)
-        dl = limits.load[None, :] - limits.load[:, None]
-        dd = limits.demand[None, :] - limits.demand[:, None]
-        ea, eb = excess[a][:, None], excess[a][None, :]
-        srelief = ea + eb - limits.excess(load[a][:, None] + dl, demand[a][:, None] + dd) \
-            - limits.excess(load[a][None, :] - dl, demand[a][None, :] - dd)
-        srelief[a[:, None] == a[None, :]] = 0
+        srelief = now - limits.excess(*limits.after_swap(node))
+        srelief[node[:, None] == node[None, :]] = 0
         sscore = np.where(srelief > 1e-12, swap / np.maximum(srelief, 1e-12), np.inf)
         j = np.unravel_index(int(np.argmin(sscore)), sscore.shape)
         if not (np.isfinite(score[i]) or np.isfinite(sscore[j])):
@@ -330,7 +359,7 @@ def partition(sets: np.ndarray, weight: np.ndarray, limits: Limits, starts: list
         now = time.perf_counter()
         if now >= t_end and best is not None:
             break
-        search = NodeSearch(sets, weight, E, N, start)
+        search = NodeSearch(sets, weight, E, N, start, limits.positions)
         if not repair(search, limits) or not separate(search, limits) or not limits.feasible(search.node):
             continue
         improve(search, limits, now + max(t_end - now, 0.0) / (len(candidates) - i))

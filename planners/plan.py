@@ -38,8 +38,16 @@ class Plan:
     notes: list = field(default_factory=list)
     # cross_node plans: per layer gap of the node-fixed balance MILP (None where not run)
     polish_gap: list | None = None
+    # replica choice the plan was made for: "uniform" (SGLang dynamic, vLLM) or "nearest"
+    # (SGLang static dispatch); evaluation uses it unless told otherwise
+    replica_selection: str = "uniform"
 
     def __post_init__(self):
+        from moesim.planners.inputs import REPLICA_SELECTIONS
+
+        if self.replica_selection not in REPLICA_SELECTIONS:
+            raise PlacementError(f"unknown replica selection {self.replica_selection!r}; choose one of: "
+                                 + ", ".join(REPLICA_SELECTIONS))
         self.phy2log = np.asarray(self.phy2log, dtype=np.int64)
         if self.phy2log.ndim != 2 or self.phy2log.shape[1] % self.num_gpus:
             raise PlacementError(
@@ -80,10 +88,20 @@ class Plan:
         """``[L, E, P]``: replicas of expert e on GPU g."""
         return replicas_per_gpu(self.phy2log, self.num_experts, self.num_gpus)
 
-    def gpu_loads(self, load: np.ndarray) -> np.ndarray:
-        """``[L, P]`` GPU load when each expert's load is split evenly over its replicas."""
-        share = np.asarray(load, float) / np.maximum(self.replica_counts(), 1)
-        return np.einsum("le,leg->lg", share, self.per_gpu())
+    def gpu_loads(self, load: np.ndarray, selection: str | None = None) -> np.ndarray:
+        """``[L, P]`` GPU load under the replica selection rule (default: the plan's): uniform
+        splits each expert's load evenly over its replicas; nearest as in
+        ``objectives.replica_loads``."""
+        selection = selection or self.replica_selection
+        load = np.asarray(load, float)
+        if selection == "uniform":
+            share = load / np.maximum(self.replica_counts(), 1)
+            return np.einsum("le,leg->lg", share, self.per_gpu())
+        from moesim.planners.objectives import gpu_loads
+
+        node_of = np.arange(self.num_gpus) // (self.num_gpus // self.num_nodes)
+        return np.stack([gpu_loads(x, w, node_of, self.num_nodes, selection)
+                         for x, w in zip(self.per_gpu(), load, strict=True)])
 
     def log2phy(self) -> np.ndarray:
         """``[L, E, X]`` slots of each expert in slot order, padded with -1."""

@@ -66,8 +66,16 @@ def problem_summary(problem: PlacementProblem) -> dict:
         "nodes": c.num_nodes, "replicas": problem.num_replicas, "slots_per_gpu": problem.slots_per_gpu,
         "groups": problem.num_groups, "allow_duplicates": problem.allow_duplicates,
         "previous": problem.previous is not None, "routing_stats": problem.stats is not None,
-        "nvlink_Bps": c.nvlink_Bps, "network_Bps": c.network_Bps, **problem.source,
+        "nvlink_Bps": c.nvlink_Bps, "network_Bps": c.network_Bps,
+        "replica_selection": problem.replica_selection, **problem.source,
     }
+
+
+def _selection_notes(problem) -> list:
+    if problem.replica_selection != "nearest":
+        return []
+    return ["replica selection nearest: loads and cross-node tokens assume each token uses a replica on "
+            "its own node when there is one (deploy with SGLang --ep-dispatch-algorithm static)"]
 
 
 def _heuristic_plan(problem, objective, solver, phy, solve_s, inputs) -> Plan:
@@ -83,7 +91,8 @@ def _heuristic_plan(problem, objective, solver, phy, solve_s, inputs) -> Plan:
                 objective=objective.to_dict(), inputs=inputs,
                 objective_value=None if values is None else values.tolist(),
                 bound=None if bound is None else bound.tolist(), gap=None if gap is None else gap.tolist(),
-                status="heuristic", solve_s=solve_s)
+                status="heuristic", solve_s=solve_s, replica_selection=problem.replica_selection,
+                notes=_selection_notes(problem))
 
 
 def _can_score(problem, objective) -> bool:
@@ -180,7 +189,11 @@ def _solve_in_child(args, time_limit, on_layer):
 def _ilp_plan(problem, objective, solver, results, finished, solve_s, inputs, seed) -> Plan:
     L = problem.num_layers
     done = {r.layer: r for r in results}
-    notes = []
+    notes = _selection_notes(problem)
+    if problem.replica_selection != "uniform":
+        notes.append("no MILP ran: with nearest selection a replica's load depends on which nodes hold the "
+                     "expert; the plan is the best of the heuristics, the swap search and the node-first "
+                     "search, and the bound is the trivial one")
     if len(done) < L:
         missing = [lay for lay in range(L) if lay not in done]
         if not missing:
@@ -215,7 +228,8 @@ def _ilp_plan(problem, objective, solver, results, finished, solve_s, inputs, se
                 objective=objective.to_dict(), inputs=inputs, objective_value=values.tolist(),
                 bound=[None if not np.isfinite(b) else float(b) for b in bound],
                 gap=[None if not np.isfinite(g) else float(g) for g in gap], status=status,
-                solve_s=solve_s, notes=notes, polish_gap=polish_gap if polished else None)
+                solve_s=solve_s, notes=notes, polish_gap=polish_gap if polished else None,
+                replica_selection=problem.replica_selection)
 
 
 class _Kept:

@@ -18,7 +18,7 @@ app = typer.Typer(
     invoke_without_command=True,
 )
 
-SUMMARY_KEYS = ("solver", "status", "max_mean_load", "max_mean_load_worst_layer", "balancedness",
+SUMMARY_KEYS = ("solver", "status", "replica_selection", "max_mean_load", "max_mean_load_worst_layer", "balancedness",
                 "node_max_mean_load", "cross_node_tokens", "dest_nodes_per_token", "dest_gpus_per_token",
                 "gpu_hops_per_token", "same_gpu_duplicates", "replicas_migrated", "solve_s", "gap")
 
@@ -28,7 +28,7 @@ def _render(payload: dict) -> None:
         if key in payload and payload[key] is not None:
             value = payload[key]
             typer.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
-    for key in ("plan", "export", "notes"):
+    for key in ("plan", "export", "export_note", "notes"):
         if payload.get(key):
             typer.echo(f"{key}: {payload[key]}")
 
@@ -71,6 +71,10 @@ def place(
     model: str = typer.Option(None, "--model", help="Model preset: expert bytes (migration) and hidden size (comm)."),
     allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Allow two replicas of one expert on a GPU."),
     seed: int = typer.Option(0, "--seed", help="Seed of randomised baselines and HiGHS."),
+    replica_selection: str = typer.Option(
+        "uniform", "--replica-selection",
+        help="How tokens pick among an expert's replicas: uniform (SGLang dynamic, vLLM) or nearest "
+             "(SGLang static dispatch: a replica on the token's own node when there is one)."),
     out: Path = typer.Option(None, "--out", help="Plan file to write (JSON)."),
     export: str = typer.Option(None, "--export", help="Also write an engine map: sglang or vllm."),
     export_out: Path = typer.Option(None, "--export-out", help="Where the export goes (default: beside --out)."),
@@ -97,6 +101,7 @@ def place(
         load, Cluster(gpus, nodes), num_replicas=load.shape[1] + redundant, slots_per_gpu=slots_per_gpu,
         num_groups=groups, allow_duplicates=allow_duplicates, previous=prev, expert_bytes=expert_bytes,
         stats=stats, source={"trace": str(trace)} if trace else {"loads": str(loads)},
+        replica_selection=replica_selection,
     )
     plan = make_plan(problem, obj, solver, time_limit=time_limit, mip_gap=mip_gap, seed=seed)
     plan.save(out)
@@ -106,6 +111,11 @@ def place(
         target = export_out or out.with_name(f"{out.stem}.{export}.json")
         plan.export(export, target)
         payload["export"] = str(target)
+        if plan.replica_selection == "nearest":
+            payload["export_note"] = ("planned for nearest replica selection: launch SGLang with "
+                                      "--ep-dispatch-algorithm static" if export == "sglang" else
+                                      "planned for nearest replica selection, which vLLM does not do (it "
+                                      "picks replicas uniformly): loads and traffic will differ")
     payload["notes"] = plan.notes
     if plan.status == "time-limit":
         typer.echo("warning: time limit reached; the plan keeps the incumbent for unfinished layers", err=True)
@@ -119,16 +129,23 @@ def evaluate_cmd(
     loads: Path = typer.Option(None, "--loads", help="Or a load matrix (.npy, .csv, .json)."),
     previous: Path = typer.Option(None, "--previous", help="Plan to count migrations from."),
     model: str = typer.Option(None, "--model", help="Model preset: migration bytes and modelled comm times."),
+    replica_selection: str = typer.Option(None, "--replica-selection",
+                                          help="uniform or nearest (default: the one the plan was made for)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Balance, traffic and operational figures of a plan on a trace (possibly another one)."""
+    from moesim.planners.inputs import REPLICA_SELECTIONS
     from moesim.planners.plan import Plan
 
+    if replica_selection is not None and replica_selection not in REPLICA_SELECTIONS:
+        from moesim.errors import unknown_name
+
+        raise unknown_name("replica selection", replica_selection, REPLICA_SELECTIONS)
     plan = Plan.load(plan_path)
     t, load = _trace_and_load(trace, loads)
     prev = Plan.load(previous).phy2log if previous is not None else None
     expert_bytes, hidden = _model_facts(model)
-    payload = _figures(plan, t, load, prev, expert_bytes, hidden)
+    payload = _figures(plan, t, load, prev, expert_bytes, hidden, replica_selection)
     payload["plan"] = str(plan_path)
     emit(payload, as_json, _render)
 
@@ -142,10 +159,11 @@ def _model_facts(model: str | None) -> tuple[int, int | None]:
     return m.expert_bytes(), m.hidden
 
 
-def _figures(plan, trace, load, previous, expert_bytes, hidden) -> dict:
+def _figures(plan, trace, load, previous, expert_bytes, hidden, selection=None) -> dict:
     from moesim.planners.evaluate import evaluate
 
-    payload = evaluate(plan, trace=trace, load=load, previous=previous, expert_bytes=expert_bytes, hidden=hidden)
+    payload = evaluate(plan, trace=trace, load=load, previous=previous, expert_bytes=expert_bytes, hidden=hidden,
+                       selection=selection)
     payload["objective"] = plan.objective
     payload["per_layer_gap"] = plan.gap
     payload["per_layer_bound"] = plan.bound
