@@ -218,6 +218,7 @@ class StepRouting:
     expert_t: np.ndarray | None = None  # [L, G] grouped-GEMM seconds (expected loads)
     slot_rows: np.ndarray | None = None  # [L, R] whole step's rows per slot (token routing)
     expert_stats: tuple | None = None  # expert times: (max, mean) over GPUs, sum over layers
+    load_stats: tuple | None = None  # gpu_load max and mean over GPUs, per layer
 
 
 class Router:
@@ -371,6 +372,72 @@ class Router:
             self._per_layer_comm(out, rows, src, share, key // T + rows)
         return out
 
+    def route_window(self, rows: np.ndarray, src: np.ndarray, req: np.ndarray, step: np.ndarray,
+                     W: int, share: float = 1.0) -> dict:
+        """``route_tokens`` for ``W`` steps at once (pair dispatchers): the tokens of all steps,
+        ``step[n]`` the step of each. One gather and one bincount with the step in the key;
+        the pair comm of all ``W x L`` layers in one call. Returns ``[W * L, ...]`` arrays
+        (step-major) of what ``route_tokens`` gives per step, bit for bit: integer counts,
+        the same elementwise operations."""
+        L, G, R, K = self.L, self.G, self.R, self.K
+        nb = L * R + 1
+        T, V = self.T, self.V
+        key = rows if V == 1 else (req % V) * T + rows
+        step = step.astype(np.intp)
+        if self.nic_only and self.aggregate_rows and W * V * T < len(rows):
+            wkey = step * (V * T) + key
+            mult = np.bincount(wkey, minlength=W * V * T)
+            used = np.flatnonzero(mult)
+            flat = self._slots_of(used % (V * T))
+            flat += (used // (V * T) * nb)[:, None, None]
+            w = np.repeat(mult[used].astype(float), L * K)
+            slot_rows = np.bincount(flat.ravel(), weights=w, minlength=W * nb).astype(np.int64)
+            flat = None
+        else:
+            flat = self._slots_of(key)
+            offset = (step * nb)[:, None, None]
+            slot_rows = np.bincount((flat + offset).ravel(), minlength=W * nb)
+        slot_rows = slot_rows.reshape(W, nb)[:, : L * R].reshape(W * L, R)
+        slot_load = slot_rows * share
+        if self.S == 1:
+            gpu_load = slot_load.astype(float)
+        else:
+            gpu_load = (slot_load.reshape(W * L * G, self.S).astype(float)
+                        @ np.ones(self.S)).reshape(W * L, G)
+        out_paths = np.zeros((W * L, G, 3))
+        in_paths = np.zeros((W * L, G, 3))
+        if self.nic_only:
+            if self.valid_all:
+                sent = K * np.bincount(step * G + src, minlength=W * G).reshape(W, 1, G) * share
+                out_paths[..., 0] = np.broadcast_to(sent, (W, L, G)).reshape(W * L, G)
+            else:
+                k2 = (step[:, None] * L + np.arange(L)[None, :]) * G + src[:, None]
+                out_paths[..., 0] = np.bincount(k2.ravel(), weights=self.row_valid[rows].ravel(),
+                                                minlength=W * L * G).reshape(W * L, G) * share
+            in_paths[..., 0] = gpu_load
+        else:  # flat: pairs by path (same GPU, same node, other node)
+            if flat is None:
+                flat = self._slots_of(key)
+            dst = self.slot_gpu[flat]
+            src_b = src.astype(np.int32)[:, None, None]
+            path = (dst != src_b).astype(np.int32)
+            path += (dst // self.gpn) != (src_b // self.gpn)
+            in_key = (flat + (step * nb)[:, None, None]) * 3 + path
+            hist = np.bincount(in_key.ravel(), minlength=W * nb * 3).reshape(W, nb * 3)
+            in_paths = hist[:, : L * R * 3].reshape(W * L, G, self.S, 3).sum(2).astype(float)
+            out_key = ((step[:, None, None] * L + np.arange(L)[None, :, None]) * G + src_b) * 3 \
+                + path
+            if not self.valid_all:
+                out_key[dst == G] = W * L * G * 3
+            out_paths = np.bincount(out_key.ravel(), minlength=W * L * G * 3 + 1)[: W * L * G * 3]
+            out_paths = out_paths.reshape(W * L, G, 3).astype(float)
+            out_paths, in_paths = out_paths * share, in_paths * share
+        res = self.comm.pair_comm_layers(self.dispatcher.name, self.cluster, out_paths, in_paths,
+                                         *self.rows)
+        return {"slot_rows": slot_rows, "gpu_load": gpu_load, "dispatch_s": res.dispatch_s,
+                "combine_s": res.combine_s, "sent_bytes": res.sent_bytes,
+                "recv_bytes": res.recv_bytes, "bottleneck": res.bottleneck}
+
     def _slots_of(self, key: np.ndarray) -> np.ndarray:
         if self.row_slot is not None:
             return self.row_slot[key]
@@ -474,20 +541,28 @@ class Router:
 # The layer schedule of one step
 # ---------------------------------------------------------------------------------------------
 def layer_schedule(attn: np.ndarray, dispatch: np.ndarray, experts: np.ndarray,
-                   combine: np.ndarray, overlap: bool) -> tuple[np.ndarray, float]:
+                   combine: np.ndarray, overlap: bool):
     """Start offsets of each MoE layer ``[L + 1]`` (last = end) from its stage times.
 
     Without overlap a layer takes attention + dispatch + experts + combine. With two micro-
     batches (each stage time given per micro-batch) a layer takes four slots (module docstring)
-    and the last combine drains after the final layer.
+    and the last combine drains after the final layer. Any leading axes (steps): ``[..., L]``
+    stages give ``[..., L + 1]`` starts and ``[...]`` drains (a float for one step).
     """
+    zero = np.zeros(np.shape(attn)[:-1] + (1,))
+    one = np.ndim(attn) == 1
     if not overlap:
         per_layer = attn + dispatch + experts + combine
-        return np.concatenate([[0.0], np.cumsum(per_layer)]), 0.0
-    prev_combine = np.concatenate([[0.0], combine[:-1]])
+        return np.concatenate([zero, np.cumsum(per_layer, axis=-1)], axis=-1), \
+            (0.0 if one else np.zeros(zero.shape[:-1]))
+    prev_combine = np.concatenate([zero, combine[..., :-1]], axis=-1)
     per_layer = (np.maximum(attn, prev_combine) + np.maximum(dispatch, attn)
                  + np.maximum(experts, dispatch) + np.maximum(combine, experts))
-    return np.concatenate([[0.0], np.cumsum(per_layer)]), float(combine[-1]) if len(combine) else 0.0
+    if combine.shape[-1] == 0:
+        drain = 0.0 if one else np.zeros(zero.shape[:-1])
+    else:
+        drain = float(combine[-1]) if one else combine[..., -1]
+    return np.concatenate([zero, np.cumsum(per_layer, axis=-1)], axis=-1), drain
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +570,11 @@ def layer_schedule(attn: np.ndarray, dispatch: np.ndarray, experts: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 class Simulation:
     """A built scenario, ready to run once."""
+
+    # fast-forward windows: most steps run ahead and costed in one vectorised call, and a cap
+    # on the elements one window's token routing materialises (W x tokens x L x K)
+    WINDOW_STEPS = 256
+    WINDOW_ELEMENTS = 1 << 22
 
     def __init__(self, scenario: Scenario, model: MoEModel, cluster, layout: Layout, routing,
                  workload, scheduler: Scheduler, costs: StepCosts, router: Router,
@@ -512,16 +592,16 @@ class Simulation:
         self.memory = memory
         self.overlap = scenario.execution.overlap == "two-microbatch"
         self.step_overhead = scenario.execution.step_overhead_s
+        self.fast_forward = scenario.simulation.fast_forward
         G = layout.num_gpus
         self.group_gpus = np.arange(G).reshape(layout.num_groups, layout.tp)
         self.record_gpu = scenario.simulation.record_gpu
-        self.steps: list[tuple] = []  # one record per step (STEP_COLUMNS)
-        self._log: list[tuple] = []  # per step: routing, micro-batches, stage times, starts
-        self.gpu_loads: list[np.ndarray] = []
-        self.gpu_expert_s: list[np.ndarray] = []  # [L, G] grouped-GEMM seconds per step
+        self._blocks: list[dict] = []  # recorded steps, a block of consecutive steps each
         self.gpu_busy = np.zeros(G)
+        self.windows = 0  # fast-forward windows costed (a cut window counts once)
+        self.windows_cut = 0  # windows cut short by an arrival or the time limit
 
-    # ----- one forward step --------------------------------------------------------------------
+    # ----- the inputs of a step ------------------------------------------------------------------
     def _token_sources(self, batch: Batch, g_dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Request and source GPU of every token of the step: decodes first, then the prefill
         chunks token by token (a TP group's tokens are dealt over its GPUs)."""
@@ -548,15 +628,20 @@ class Simulation:
         pre_pos = np.repeat(batch.pre_start, batch.pre_len) + offs
         return np.concatenate([dec_pos, pre_pos])
 
-    def step_cost(self, batch: Batch) -> tuple[float, dict]:
-        s, lay, m, c = self.scheduler, self.layout, self.model, self.costs
-        ng, tp = lay.num_groups, lay.tp
+    def _step_inputs(self, batch: Batch) -> dict:
+        """What the cost of ``batch`` depends on (scheduler state before ``finish_step``), as
+        one-step arrays: per group tokens, KV read, (query, key) pairs, decode-only flag; the
+        largest LM-head group; token-level requests, positions and source GPUs (trace routing)
+        or tokens per source GPU (counts)."""
+        s, lay = self.scheduler, self.layout
+        ng = lay.num_groups
         g_dec = s.group[batch.dec_idx]
         ctx_dec = s.prompt[batch.dec_idx] + s.generated[batch.dec_idx]  # cached tokens + 1
+        n_dec = np.bincount(g_dec, minlength=ng)
         if len(batch.pre_idx):
             g_pre = s.group[batch.pre_idx]
             n_pre = np.bincount(g_pre, weights=batch.pre_len, minlength=ng)
-            tokens = np.bincount(g_dec, minlength=ng) + n_pre
+            tokens = n_dec + n_pre
             # a decode reads its whole context; a prefill chunk attends causally to its prefix
             ends = batch.pre_start + batch.pre_len
             pairs_pre = batch.pre_len * (batch.pre_start + (batch.pre_len + 1) / 2.0)
@@ -564,68 +649,188 @@ class Simulation:
             kv_read = kv_dec + np.bincount(g_pre, weights=ends, minlength=ng)
             pairs = kv_dec + np.bincount(g_pre, weights=pairs_pre, minlength=ng)
             decode = n_pre == 0
+            producers = n_dec + np.bincount(g_pre, minlength=ng)
         else:
-            tokens = np.bincount(g_dec, minlength=ng).astype(float)
+            tokens = n_dec.astype(float)
             kv_read = pairs = np.bincount(g_dec, weights=ctx_dec, minlength=ng)
-            decode = True
+            decode = np.ones(ng, dtype=bool)
+            producers = n_dec
+        inp = {"n": 1, "tokens": tokens[None], "kv_read": kv_read[None], "pairs": pairs[None],
+               "decode": decode[None], "n_dec": n_dec,
+               "producers": np.array([producers.max(initial=0)]),
+               "num_decode": np.array([batch.num_decode]),
+               "num_prefill": np.array([batch.num_prefill])}
+        if self.routing.kind == "trace":
+            req, src = self._token_sources(batch, g_dec)
+            inp.update(req=req, src=src, pos=self._token_positions(batch),
+                       step=np.zeros(len(req), dtype=np.int64))
+        elif lay.tp > 1:
+            _, src = self._token_sources(batch, g_dec)
+            inp["src_tokens"] = np.bincount(src, minlength=lay.num_gpus)[None]
+        else:
+            inp["src_tokens"] = inp["tokens"]
+        return inp
+
+    @staticmethod
+    def _repeat_steady(inp: dict, r: int) -> dict:
+        """The inputs of ``r`` repeats of the pure-decode step ``inp``: every decode's context
+        (and position) one token longer per step, everything else the same."""
+        j = np.arange(r)
+        kv = inp["kv_read"] + j[:, None] * inp["n_dec"][None, :]  # exact: integer-valued
+        out = {"n": r, "kv_read": kv, "pairs": kv, "n_dec": inp["n_dec"]}
+        for k in ("tokens", "decode", "src_tokens"):
+            if k in inp:
+                out[k] = np.repeat(inp[k], r, axis=0)
+        for k in ("producers", "num_decode", "num_prefill"):
+            out[k] = np.repeat(inp[k], r)
+        if "req" in inp:
+            n = len(inp["req"])
+            out["req"] = np.tile(inp["req"], r)
+            out["src"] = np.tile(inp["src"], r)
+            out["pos"] = np.tile(inp["pos"], r) + np.repeat(j, n)
+            out["step"] = np.repeat(j, n)
+        return out
+
+    @staticmethod
+    def _concat(chunks: list[dict]) -> dict:
+        if len(chunks) == 1:
+            return chunks[0]
+        out = {"n": sum(c["n"] for c in chunks)}
+        for k in chunks[0]:
+            if k in ("n", "n_dec"):
+                continue
+            if k == "step":
+                offs = np.cumsum([0] + [c["n"] for c in chunks[:-1]])
+                out[k] = np.concatenate([c[k] + o for c, o in zip(chunks, offs, strict=True)])
+            else:
+                out[k] = np.concatenate([c[k] for c in chunks])
+        return out
+
+    # ----- the cost of steps ----------------------------------------------------------------------
+    def step_cost(self, batch: Batch) -> tuple[float, dict]:
+        """Seconds of one forward step of ``batch`` (scheduler state before finish_step) and its
+        record block (``_cost`` of one step)."""
+        block = self._cost(self._step_inputs(batch))
+        return float(block["dt"][0]), block
+
+    def _cost(self, inp: dict) -> dict:
+        """The layer-by-layer schedule of ``inp['n']`` steps at once: ``[W]`` step seconds and
+        the ``[W, ...]`` records. Every operation is elementwise over the steps (or a
+        reduction along groups / GPUs / layers within a step), so a step costs the same alone
+        or in a window."""
+        s, lay, m, c = self.scheduler, self.layout, self.model, self.costs
+        W, ng, tp, G, L = inp["n"], lay.num_groups, lay.tp, lay.num_gpus, m.moe_layers
+        fdl = m.first_dense_layers
+        tokens = inp["tokens"]
         mb = 2 if self.overlap else 1
         share = 1.0 / mb
         tp_ar = 0.0
         if tp > 1:  # attention output and FFN output are all-reduced inside the TP group
             from moesim.comm import allreduce_time
 
-            tp_ar = allreduce_time(self.cluster, float(tokens.max() * share) * m.hidden * 2, tp)
+            tp_ar = np.array([allreduce_time(self.cluster, float(t * share) * m.hidden * 2, tp)
+                              for t in tokens.max(axis=1)])[:, None]
         # dense layers (DeepSeek's first_k_dense_replace) run without the micro-batch split:
         # their attention is costed in the same call as the MoE layers' (one micro-batch)
-        parts = (share, 1.0) if m.first_dense_layers else (share,)
-        both = c.attention(np.concatenate([tokens * f for f in parts]),
-                           np.concatenate([pairs * f for f in parts]),
-                           np.concatenate([kv_read * f for f in parts]),
-                           np.tile(decode, len(parts)) if len(batch.pre_idx) else True)
-        attn_moe = both[:ng] + c.router_and_shared(tokens * share) + 2 * tp_ar
+        parts = (share, 1.0) if fdl else (share,)
+        both = c.attention(np.concatenate([tokens * f for f in parts], axis=1).ravel(),
+                           np.concatenate([inp["pairs"] * f for f in parts], axis=1).ravel(),
+                           np.concatenate([inp["kv_read"] * f for f in parts], axis=1).ravel(),
+                           np.tile(inp["decode"], (1, len(parts))).ravel()).reshape(W, -1)
+        attn_moe = both[:, :ng] + c.router_and_shared((tokens * share).ravel()).reshape(W, ng) \
+            + 2 * tp_ar
         dense = 0.0
         dense_gpu = 0.0
-        if m.first_dense_layers:
-            dense_gpu = both[ng:] + c.dense_ffn(tokens) + 2 * (tp_ar * mb)
-            dense = float(dense_gpu.max())
+        if fdl:
+            dense_gpu = both[:, ng:] + c.dense_ffn(tokens.ravel()).reshape(W, ng) \
+                + 2 * (tp_ar * mb)
+            dense = dense_gpu.max(axis=1)
         # MoE layers: where each token goes
-        tok_req, src = self._token_sources(batch, g_dec)
-        if self.routing.kind == "counts":
-            src_tokens = np.bincount(src, minlength=lay.num_gpus) if tp > 1 else tokens
-            routed = self.router.route_expected(src_tokens, share)
-            expert_t = self._expected_experts(routed)
+        block: dict = {}
+        if self.routing.kind == "trace" and self.router.pair:
+            req = inp["req"]
+            rows = self.routing.rows(req, inp["pos"], s.prompt[req])
+            rw = self.router.route_window(rows, inp["src"], req, inp["step"], W, share)
+            expert_t = c.experts_counted(rw["slot_rows"], G, mb, rw["gpu_load"]).reshape(W, L, G)
+            e_max, e_mean, e_sum = expert_t.max(axis=2), expert_t.mean(axis=2), expert_t.sum(1)
+            load = rw["gpu_load"].reshape(W, L, G)
+            per_layer = {k: rw[k].reshape(W, L) for k in
+                         ("dispatch_s", "combine_s", "sent_bytes", "recv_bytes")}
+            per_layer["load_max"], per_layer["load_mean"] = load.max(axis=2), load.mean(axis=2)
+            block["bottleneck"] = ("flat", rw["bottleneck"])
+            if self.record_gpu:
+                block["gpu_loads"] = (load * mb).astype(np.float32)
+                block["gpu_expert_s"] = expert_t * mb
         else:
-            rows = self.routing.rows(tok_req, self._token_positions(batch),
-                                     s.prompt[tok_req])
-            routed = self.router.route_tokens(rows, src, share, tok_req)
-            expert_t = c.experts_counted(routed.slot_rows, lay.num_gpus, mb,
-                                         routed.gpu_load)  # [L, G] per micro-batch
-        if routed.expert_stats is None:  # memoised routings keep theirs
-            routed.expert_stats = (expert_t.max(axis=1), expert_t.mean(axis=1),
-                                   expert_t.sum(axis=0))
-        expert_max = routed.expert_stats[0]
-        L = m.moe_layers
-        attn_stage = np.full(L, attn_moe.max())
-        starts, drain = layer_schedule(attn_stage, routed.dispatch_s, expert_max,
-                                       routed.combine_s, self.overlap)
-        moe_time = starts[-1] + drain
+            e_max, e_mean, e_sum, per_layer = self._routed_steps(inp, W, share, mb, block)
+        attn_max = attn_moe.max(axis=1)
+        attn_stage = np.broadcast_to(attn_max[:, None], (W, L))
+        starts, drain = layer_schedule(attn_stage, per_layer["dispatch_s"], e_max,
+                                       per_layer["combine_s"], self.overlap)
+        moe_time = starts[:, -1] + drain
         # the LM head runs on each group's producing sequences; the fullest group gates it
-        producers = np.bincount(g_dec, minlength=ng)
-        if len(batch.pre_idx):
-            producers = producers + np.bincount(g_pre, minlength=ng)
-        head = float(c.lm_head(producers[producers.argmax():][:1])[0])
-        step = dense * m.first_dense_layers + moe_time + head + self.step_overhead
+        head = c.lm_head(inp["producers"])
+        dense_s = dense * fdl
+        block["dt"] = dense_s + moe_time + head + self.step_overhead
         # per-GPU busy time on the compute stream (utilisation)
-        busy = (np.repeat(attn_moe * mb * L + dense_gpu * m.first_dense_layers, tp)
-                + routed.expert_stats[2] * mb)
-        self.gpu_busy += busy
-        info = {
-            "routed": routed, "expert_t": expert_t, "expert_max": expert_max,
-            "attn_s": attn_stage * mb, "starts": starts + dense * m.first_dense_layers,
-            "tokens_max": float(tokens.max()), "tokens_mean": float(tokens.mean()),
-            "dense_s": dense * m.first_dense_layers, "moe_s": moe_time, "head_s": head, "mb": mb,
-        }
-        return step, info
+        block["busy"] = np.repeat(attn_moe * mb * L + dense_gpu * fdl, tp, axis=1) + e_sum * mb
+        block["attention_s"] = attn_max * mb
+        for k, v in per_layer.items():
+            block[k] = v * mb
+        block["experts_max_s"], block["experts_mean_s"] = e_max * mb, e_mean * mb
+        block["starts"] = (starts + (dense_s[:, None] if fdl else dense_s))[:, :-1]
+        block["tokens_max_group"] = tokens.max(axis=1)
+        block["tokens_mean_group"] = tokens.mean(axis=1)
+        block["dense_s"] = np.broadcast_to(dense_s, (W,))
+        block["moe_s"], block["lm_head_s"] = moe_time, head
+        block["decode_tokens"], block["prefill_tokens"] = inp["num_decode"], inp["num_prefill"]
+        return block
+
+    def _routed_steps(self, inp: dict, W: int, share: float, mb: int, block: dict):
+        """Routing step by step (counts routing, memoised per tokens-per-GPU; trace routing with
+        a per-layer dispatcher), stacked to ``[W, L]``."""
+        s, c, G = self.scheduler, self.costs, self.layout.num_gpus
+        if self.routing.kind == "counts":
+            src = inp["src_tokens"]
+            new = np.r_[True, (src[1:] != src[:-1]).any(axis=1)] if W > 1 else np.ones(1, bool)
+            firsts = np.flatnonzero(new)
+            uniq = [self.router.route_expected(src[k], share) for k in firsts.tolist()]
+            idx = np.cumsum(new) - 1
+            for r in uniq:
+                expert_t = self._expected_experts(r)
+                if r.expert_stats is None:
+                    r.expert_stats = (expert_t.max(axis=1), expert_t.mean(axis=1),
+                                      expert_t.sum(axis=0))
+        else:
+            req, step = inp["req"], inp["step"]
+            rows = self.routing.rows(req, inp["pos"], s.prompt[req])
+            cuts = np.searchsorted(step, np.arange(W + 1))
+            uniq = []
+            for k in range(W):
+                sl = slice(cuts[k], cuts[k + 1])
+                r = self.router.route_tokens(rows[sl], inp["src"][sl], share, req[sl])
+                r.expert_t = c.experts_counted(r.slot_rows, G, mb, r.gpu_load)
+                r.expert_stats = (r.expert_t.max(axis=1), r.expert_t.mean(axis=1),
+                                  r.expert_t.sum(axis=0))
+                uniq.append(r)
+            idx = np.arange(W)
+        for r in uniq:
+            if r.load_stats is None:
+                r.load_stats = (r.gpu_load.max(axis=1), r.gpu_load.mean(axis=1))
+
+        def stack(get):
+            return np.stack([get(r) for r in uniq])[idx]
+
+        per_layer = {k: stack(lambda r, k=k: getattr(r, k)) for k in
+                     ("dispatch_s", "combine_s", "sent_bytes", "recv_bytes")}
+        per_layer["load_max"] = stack(lambda r: r.load_stats[0])
+        per_layer["load_mean"] = stack(lambda r: r.load_stats[1])
+        block["bottleneck"] = ("steps", [uniq[k].bottleneck for k in idx.tolist()])
+        if self.record_gpu:
+            block["gpu_loads"] = stack(lambda r: (r.gpu_load * mb).astype(np.float32))
+            block["gpu_expert_s"] = stack(lambda r: r.expert_t * mb)
+        return (stack(lambda r: r.expert_stats[0]), stack(lambda r: r.expert_stats[1]),
+                stack(lambda r: r.expert_stats[2]), per_layer)
 
     def _expected_experts(self, routed: StepRouting) -> np.ndarray:
         """Expert times of an expected (counts) step, kept with its (memoised) routing."""
@@ -634,55 +839,70 @@ class Simulation:
                                                  routed.active)
         return routed.expert_t
 
+    # ----- records --------------------------------------------------------------------------------
     STEP_COLUMNS = ("step", "start_s", "duration_s", "decode_tokens", "prefill_tokens",
                     "running", "waiting", "tokens_max_group", "tokens_mean_group", "dense_s",
                     "moe_s", "lm_head_s")
+    _LAYER_KEYS = ("dispatch_s", "experts_max_s", "experts_mean_s", "combine_s", "sent_bytes",
+                   "recv_bytes", "load_max", "load_mean")
 
-    def _record(self, index: int, t0: float, dt: float, batch: Batch, info: dict) -> None:
-        """Keep references to the step's results; the tables are built once, at the end."""
-        s = self.scheduler
-        self.steps.append((index, t0, dt, batch.num_decode, batch.num_prefill, len(s.running),
-                           len(s.waiting), info["tokens_max"], info["tokens_mean"],
-                           info["dense_s"], info["moe_s"], info["head_s"]))
-        r, mb = info["routed"], info["mb"]
-        e_max, e_mean = r.expert_stats[:2]
-        self._log.append((r, mb, info["attn_s"][0], e_max, e_mean, t0 + info["starts"][:-1]))
+    def _record(self, block: dict, k: int, start: np.ndarray, dt: np.ndarray,
+                running: np.ndarray, waiting: np.ndarray) -> None:
+        """Keep the first ``k`` steps of a costed block, started at ``start[k]``."""
+        L = self.model.moe_layers
+        kept = {key: block[key][:k] for key in (*self._LAYER_KEYS, "attention_s",
+                                                 "tokens_max_group", "tokens_mean_group",
+                                                 "dense_s", "moe_s", "lm_head_s",
+                                                 "decode_tokens", "prefill_tokens")}
+        kept["start_s"], kept["duration_s"] = start[:k], dt[:k]
+        kept["running"], kept["waiting"] = running[:k], waiting[:k]
+        kept["layer_start_s"] = start[:k, None] + block["starts"][:k]
+        kind, names = block["bottleneck"]
+        kept["bottleneck"] = names[: k * L] if kind == "flat" else \
+            [b for per_step in names[:k] for b in per_step]
         if self.record_gpu:
-            self.gpu_loads.append((r.gpu_load * mb).astype(np.float32))
-            self.gpu_expert_s.append(info["expert_t"] * mb)
+            kept["gpu_loads"] = block["gpu_loads"][:k]
+            kept["gpu_expert_s"] = block["gpu_expert_s"][:k]
+        self.gpu_busy = np.concatenate([self.gpu_busy[None], block["busy"][:k]]).sum(axis=0)
+        self._blocks.append(kept)
+
+    def _gather(self, key: str) -> np.ndarray:
+        return np.concatenate([b[key] for b in self._blocks])
+
+    @property
+    def num_steps(self) -> int:
+        return sum(len(b["duration_s"]) for b in self._blocks)
+
+    @property
+    def gpu_loads(self) -> list[np.ndarray]:
+        """Per recorded block ``[steps, L, G]`` pairs received per GPU (``record_gpu``)."""
+        return [b["gpu_loads"] for b in self._blocks if "gpu_loads" in b]
+
+    @property
+    def gpu_expert_s(self) -> list[np.ndarray]:
+        return [b["gpu_expert_s"] for b in self._blocks if "gpu_expert_s" in b]
 
     def layer_columns(self) -> dict[str, np.ndarray | list]:
         """Per step and MoE layer ``[steps, L]`` arrays (times and loads for the whole step,
         both micro-batches), and the bottleneck names (flat list, step-major)."""
         L = self.model.moe_layers
-        if not self._log:
+        if not self._blocks:
             return {}
-        mb = np.array([e[1] for e in self._log], dtype=float)[:, None]
-        loads: dict[int, tuple] = {}
-        for e in self._log:
-            r = e[0]
-            if id(r) not in loads:
-                loads[id(r)] = (r.gpu_load.max(axis=1), r.gpu_load.mean(axis=1))
-        cols = {
-            "attention_s": np.repeat(np.array([e[2] for e in self._log])[:, None], L, axis=1),
-            "dispatch_s": np.stack([e[0].dispatch_s for e in self._log]) * mb,
-            "experts_max_s": np.stack([e[3] for e in self._log]) * mb,
-            "experts_mean_s": np.stack([e[4] for e in self._log]) * mb,
-            "combine_s": np.stack([e[0].combine_s for e in self._log]) * mb,
-            "sent_bytes": np.stack([e[0].sent_bytes for e in self._log]) * mb,
-            "recv_bytes": np.stack([e[0].recv_bytes for e in self._log]) * mb,
-            "load_max": np.stack([loads[id(e[0])][0] for e in self._log]) * mb,
-            "load_mean": np.stack([loads[id(e[0])][1] for e in self._log]) * mb,
-            "start_s": np.stack([e[5] for e in self._log]),
-        }
-        cols["bottleneck"] = [b for e in self._log for b in e[0].bottleneck]
+        cols = {"attention_s": np.repeat(self._gather("attention_s")[:, None], L, axis=1)}
+        for key in self._LAYER_KEYS:
+            cols[key] = self._gather(key)
+        cols["start_s"] = self._gather("layer_start_s")
+        cols["bottleneck"] = [b for blk in self._blocks for b in blk["bottleneck"]]
         return cols
 
     def step_table(self, layers: dict):
         """The ``steps`` DataFrame: the step records plus per-step sums of the layer columns."""
         import pandas as pd
 
-        steps = pd.DataFrame.from_records(self.steps, columns=self.STEP_COLUMNS)
+        if not self._blocks:
+            return pd.DataFrame(columns=list(self.STEP_COLUMNS))
+        data = {key: self._gather(key) for key in self.STEP_COLUMNS[1:]}
+        steps = pd.DataFrame({"step": np.arange(len(data["start_s"])), **data})
         if layers:
             for key in ("dispatch_s", "combine_s", "sent_bytes", "recv_bytes"):
                 steps[key] = layers[key].sum(axis=1)
@@ -690,7 +910,7 @@ class Simulation:
             steps["pairs"] = layers["load_mean"].sum(axis=1) * self.layout.num_gpus
         return steps
 
-    # ----- the SimPy process ---------------------------------------------------------------------
+    # ----- the SimPy process: one step at a time -----------------------------------------------
     def _serve(self, env, progress):
         s = self.scheduler
         limit_t = self.scenario.simulation.max_sim_time_s
@@ -705,17 +925,134 @@ class Simulation:
                     raise MoesimError("simulation stalled: requests wait but none can be scheduled")
                 yield env.timeout(max(nxt - env.now, 0.0))
                 continue
-            dt, info = self.step_cost(batch)
+            dt, block = self.step_cost(batch)
             t0 = env.now
             yield env.timeout(dt)
             s.finish_step(batch, env.now)
-            self._record(index, t0, dt, batch, info)
+            self._record(block, 1, np.array([t0]), np.array([dt]), np.array([len(s.running)]),
+                         np.array([len(s.waiting)]))
             index += 1
             if progress is not None:
                 progress(s.num_done, env.now)
             if (limit_n and index >= limit_n) or (limit_t and env.now >= limit_t):
                 self.stopped_early = True
                 break
+        self.clock = env.now
+
+    # ----- the SimPy process: windows of steps (fast-forward) -----------------------------------
+    def _run_ahead(self, W: int):
+        """Form and finish up to ``W`` steps without their times: step j stamps admissions with
+        -(j + 1) (its start) and first tokens and finishes with -(j + 1) (its end); the times
+        are filled in once the window is costed. Steady pure-decode stretches are applied in
+        one go (``Scheduler.steady_steps``). Returns (inputs, running, waiting, steps, empty):
+        ``empty`` when the window ended at a step with nothing to run."""
+        s = self.scheduler
+        chunks, running, waiting = [], [], []
+        j = 0
+        while j < W and not s.all_done:
+            batch = s.form_batch(-(j + 1.0))
+            if batch.empty():
+                return chunks, running, waiting, j, True
+            inp = self._step_inputs(batch)
+            done = s.finish_step(batch, -(j + 1.0))
+            chunks.append(inp)
+            running.append(np.array([len(s.running)]))
+            waiting.append(np.array([len(s.waiting)]))
+            j += 1
+            if len(done) == 0 and j < W:
+                r = min(s.steady_steps(batch), W - j)
+                if r > 0:
+                    before = len(s.running)
+                    # the first repeat's inputs at the current state, then one token more per step
+                    chunks.append(self._repeat_steady(self._step_inputs(batch), r))
+                    s.advance_steady(batch, r, -(j + r + 0.0))
+                    run = np.full(r, before)
+                    run[-1] = len(s.running)
+                    running.append(run)
+                    waiting.append(np.full(r, len(s.waiting)))
+                    j += r
+        return chunks, running, waiting, j, False
+
+    def _window_len(self, index: int) -> int:
+        s, m = self.scheduler, self.model
+        W = self.WINDOW_STEPS
+        limit_n = self.scenario.simulation.max_steps
+        if limit_n:
+            W = min(W, limit_n - index)
+        if self.routing.kind == "trace":  # tokens per step: a bound unless pure decode
+            run = s.running
+            tokens = len(run)
+            if len(s.waiting) or (s.target[run] > s.prefilled[run]).any():
+                tokens = s.num_groups * max(s.max_tokens, s.max_running)
+            W = min(W, max(1, self.WINDOW_ELEMENTS // (max(tokens, 1) * m.moe_layers * m.top_k)))
+        return W
+
+    def _serve_windows(self, env, progress):
+        s = self.scheduler
+        limit_t = self.scenario.simulation.max_sim_time_s
+        limit_n = self.scenario.simulation.max_steps
+        now = 0.0  # the clock, advanced with the same float additions as SimPy's
+        index = 0
+        last_dt = None
+        while not s.all_done:
+            s.arrive_until(now)
+            nxt = s.next_arrival_time()
+            W = self._window_len(index)
+            if nxt is not None and last_dt:  # plan to stop near the next arrival
+                W = min(W, max(1, int((nxt - now) / last_dt) + 1))
+            snap = s.snapshot() if (nxt is not None or limit_t) else None
+            lo = int(min(s.running.min(initial=s.n), s.waiting.min(initial=s.n)))
+            # (a window ending at an empty step: the next window forms that step again, with
+            # the arrivals of its start, and waits when it is still empty; forming an empty
+            # step changes nothing but a preemption, which does not depend on arrivals)
+            chunks, running, waiting, n, _ = self._run_ahead(W)
+            if n == 0:
+                if nxt is None:
+                    raise MoesimError("simulation stalled: requests wait but none can be scheduled")
+                delay = max(nxt - now, 0.0)
+                now = now + delay
+                yield env.timeout(delay)
+                continue
+            block = self._cost(self._concat(chunks))
+            self.windows += 1
+            dt = block["dt"]
+            ends = np.cumsum(np.r_[now, dt])  # sequential additions, as step by step
+            start = ends[:-1]
+            k = n
+            if nxt is not None:  # an arrival joins the first step starting at or after it
+                k = min(k, int(np.searchsorted(start[1:], nxt, side="left")) + 1)
+            if limit_t:
+                k = min(k, int(np.searchsorted(ends[1:], limit_t, side="left")) + 1)
+            if k < n:  # undo the window and run its valid steps again (same batches)
+                self.windows_cut += 1
+                s.restore(snap)
+                chunks, running, waiting, n2, _ = self._run_ahead(k)
+                assert n2 == k
+            self._stamp(lo, start, ends[1:], k)
+            self._record(block, k, start, dt, np.concatenate(running), np.concatenate(waiting))
+            index += k
+            last_dt = float(dt[:k].mean())
+            delay = float(ends[k]) - now
+            now = float(ends[k])
+            yield env.timeout(delay)
+            if progress is not None:
+                progress(s.num_done, now)
+            if (limit_n and index >= limit_n) or (limit_t and now >= limit_t):
+                self.stopped_early = True
+                break
+        self.clock = now
+
+    def _stamp(self, lo: int, start: np.ndarray, end: np.ndarray, k: int) -> None:
+        """Replace the window's step stamps -(j + 1) by the steps' start / end times."""
+        s = self.scheduler
+        hi = s.next_arrival
+        for arr, times in ((s.admitted_s, start), (s.first_token_s, end), (s.finish_s, end)):
+            part = arr[lo:hi]
+            hit = np.flatnonzero(part < 0)
+            if len(hit):
+                j = (-part[hit]).astype(np.int64) - 1
+                assert j.max() < k
+                part[hit] = times[j]
 
     def run(self, progress=None):
         """Run to completion (or the scenario's limits); return ``Results``."""
@@ -726,10 +1063,11 @@ class Simulation:
         self.stopped_early = False
         env = simpy.Environment()
         wall0 = time.perf_counter()
-        env.process(self._serve(env, progress))
+        serve = self._serve_windows if self.fast_forward else self._serve
+        env.process(serve(env, progress))
         env.run()
         wall = time.perf_counter() - wall0
-        return Results.from_simulation(self, simulated_s=env.now, wall_s=wall)
+        return Results.from_simulation(self, simulated_s=self.clock, wall_s=wall)
 
 
 # ---------------------------------------------------------------------------------------------

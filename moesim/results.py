@@ -69,14 +69,14 @@ class Results:
         layers = _layer_frame(cols)
         gpu = None
         if sim.record_gpu and sim.gpu_loads:
-            arr = np.stack(sim.gpu_loads)  # [steps, L, G]
+            arr = np.concatenate(sim.gpu_loads)  # [steps, L, G]
             S, L, G = arr.shape
             gpu = pd.DataFrame({
                 "step": np.repeat(np.arange(S), L * G),
                 "layer": np.tile(np.repeat(np.arange(L), G), S),
                 "gpu": np.tile(np.arange(G), S * L),
                 "pairs": arr.ravel(),
-                "experts_s": np.stack(sim.gpu_expert_s).ravel(),
+                "experts_s": np.concatenate(sim.gpu_expert_s).ravel(),
             })
         res = cls(sim.scenario.name, requests, steps, layers, gpu, {}, sim.routing.report(),
                   overlap=sim.overlap)

@@ -156,6 +156,8 @@ class SimulationSection(_Section):
     max_sim_time_s: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, ge=1)
     record_gpu: bool = Field(False, description="keep per-step, per-layer, per-GPU loads")
+    fast_forward: bool = Field(True, description="run the scheduler ahead and cost windows of "
+                               "steps in one vectorised call (same results as step by step)")
 
 
 class Scenario(_Section):

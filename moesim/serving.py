@@ -321,3 +321,66 @@ class Scheduler:
         """KV tokens reserved per group now."""
         run = self.running
         return np.bincount(self.group[run], weights=self._reserved(run), minlength=self.num_groups)
+
+    # ----- fast-forward support (moesim.engine windows of steps) ---------------------------------
+    def steady_steps(self, batch: Batch) -> int:
+        """How many steps after ``batch`` (just finished, nobody done) ``form_batch`` would
+        return exactly ``batch`` again: 0 unless the batch is pure decode of every running
+        request and nobody can be admitted; then the steps until a request's last token or,
+        when the KV can fill, until the fullest group would need a preemption.
+
+        Exact: with no prefill, no admission and no preemption, a step only raises every
+        running request's ``generated`` by one, which changes none of ``form_batch``'s
+        decisions before a request finishes or a group's KV reservations overflow.
+        """
+        dec = batch.dec_idx
+        if len(batch.pre_idx) or len(dec) == 0 or len(dec) != len(self.running):
+            return 0
+        G = self.num_groups
+        if len(self.waiting) and len(dec) < self.max_running * G:
+            return 0  # admission might go ahead (budget and KV would decide): general path
+        steps = int((self.output[dec] - self.generated[dec]).min())
+        if not self.kv_never_full:
+            g = self.group[dec]
+            used = np.bincount(g, weights=self._reserved(dec), minlength=G)
+            n = np.bincount(g, minlength=G)
+            has = n > 0
+            room = (self.kv_capacity - used[has]) // n[has]  # steps j with used + j n <= cap
+            steps = min(steps, int(room.min()) + 1 if (room >= 0).all() else 0)
+        return max(steps, 0)
+
+    def advance_steady(self, batch: Batch, steps: int, now_last: float) -> np.ndarray:
+        """Apply ``steps`` repeats of the pure-decode ``batch`` (``steady_steps`` allows them):
+        the same as ``steps`` calls of form_batch + finish_step; a request can only finish at
+        the last, which ends at ``now_last``. Returns the requests that finished."""
+        dec = batch.dec_idx
+        self.generated[dec] += steps
+        self.tokens_produced += steps * len(dec)
+        done = dec[self.generated[dec] >= self.output[dec]]
+        if len(done):
+            self.state[done] = DONE
+            self.finish_s[done] = now_last
+            self.finish_count[done] += 1
+            self.num_done += len(done)
+            self.running = self.running[self.state[self.running] == RUNNING]
+        return done
+
+    _PER_REQUEST = ("state", "target", "prefilled", "credited", "generated", "first_token_s",
+                    "finish_s", "admitted_s", "preemptions", "finish_count")
+    _SCALARS = ("running", "waiting", "next_arrival", "num_done", "prefill_tokens",
+                "recompute_tokens", "tokens_produced")
+
+    def snapshot(self) -> dict:
+        """The scheduling state (arrived requests only: the others cannot change before the
+        next ``arrive_until``), for ``restore``."""
+        end = self.next_arrival
+        snap = {k: getattr(self, k)[:end].copy() for k in self._PER_REQUEST}
+        snap.update({k: getattr(self, k) for k in self._SCALARS})  # arrays are never mutated
+        return snap
+
+    def restore(self, snap: dict) -> None:
+        end = snap["next_arrival"]
+        for k in self._PER_REQUEST:
+            getattr(self, k)[:end] = snap[k]
+        for k in self._SCALARS:
+            setattr(self, k, snap[k])

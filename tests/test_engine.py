@@ -216,21 +216,25 @@ def test_a_measured_cost_table_overrides_the_expert_roofline(tmp_path):
         build(scenario_from_dict(tiny(**{"execution.cost_table": str(tmp_path / "no.csv")})))
 
 
-def test_golden_latencies_with_a_fixed_step_time(monkeypatch):
-    """TTFT, TPOT and end-to-end latency follow from the step sequence when steps take 10 ms."""
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_golden_latencies_with_a_fixed_step_time(monkeypatch, fast_forward):
+    """TTFT, TPOT and end-to-end latency follow from the step sequence when steps take 10 ms
+    (step by step and in fast-forward windows)."""
     sc = scenario_from_dict(tiny(**{
         "workload": {"arrival": "jsonl", "file": "unused"},
     })).with_changes({"workload.arrival": "burst", "workload.num_requests": 2,
                       "workload.prompt_tokens": 8, "workload.output_tokens": 3,
-                      "serving.max_tokens_per_step": 8, "serving.max_running": 2})
+                      "serving.max_tokens_per_step": 8, "serving.max_running": 2,
+                      "simulation.fast_forward": fast_forward})
     sim = build(sc)
-    real = sim.step_cost
+    real = sim._cost
 
-    def fixed(batch):
-        _, info = real(batch)
-        return 0.010, info
+    def fixed(inp):
+        block = real(inp)
+        block["dt"] = np.full(inp["n"], 0.010)
+        return block
 
-    monkeypatch.setattr(sim, "step_cost", fixed)
+    monkeypatch.setattr(sim, "_cost", fixed)
     res = sim.run()
     r = res.requests
     # two groups (2 GPUs, TP1): each prefills its own 8-token prompt in step 1, then 2 decodes

@@ -1,0 +1,136 @@
+"""Fast-forward (windows of steps costed at once) gives the step-by-step simulation exactly.
+
+Every scenario runs twice, ``simulation.fast_forward`` on and off; per-request timestamps,
+the step table and the layer columns must agree to 1e-12 (relative), and the written
+invariants still hold. The seeded set covers chunked prefill, the decode role, Poisson and
+burst arrivals, KV preemption, two-micro-batch overlap, trace and counts routing, tp > 1,
+per-layer and pair dispatchers, and both stopping limits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moesim.engine import build
+from moesim.scenario import scenario_from_dict
+
+
+def scenario(**changes) -> dict:
+    """DeepSeek-V2-Lite-like small MoE (2 MoE layers + 1 dense) on 2 nodes of 2 GPUs."""
+    sc = {
+        "name": "ff",
+        "model": {"preset": "deepseek-v2-lite", "overrides": {"num_layers": 3}},
+        "cluster": {"preset": "h800-ib", "num_nodes": 2, "gpus_per_node": 2},
+        "execution": {"dispatcher": "deepep-ll", "overlap": "two-microbatch"},
+        "workload": {"arrival": "poisson", "rate_per_s": 400, "num_requests": 24, "seed": 1,
+                     "prompt_tokens": {"dist": "uniform", "min": 1, "max": 90},
+                     "output_tokens": {"dist": "uniform", "min": 1, "max": 40}},
+        "serving": {"max_tokens_per_step": 48, "max_running": 4},
+        "routing": {"source": "synthetic", "synth_tokens": 512, "synth_requests": 8, "seed": 2},
+    }
+    for key, value in changes.items():
+        node = sc
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return sc
+
+
+def run_both(sc: dict):
+    out = []
+    for ff in (True, False):
+        s = scenario_from_dict({**sc, "simulation": {**sc.get("simulation", {}),
+                                                     "fast_forward": ff}})
+        sim = build(s)
+        out.append((sim, sim.run()))
+    return out
+
+
+def assert_same(sc: dict) -> tuple:
+    (sim_ff, ff), (sim_ref, ref) = run_both(sc)
+    assert all(ff.invariants.values()) and all(ref.invariants.values())
+    cols = ["arrival_s", "admitted_s", "first_token_s", "finish_s", "ttft_s", "tpot_s", "e2e_s",
+            "generated_tokens", "preemptions"]
+    pd.testing.assert_frame_equal(ff.requests[cols], ref.requests[cols], rtol=1e-12, atol=0)
+    assert len(ff.steps) == len(ref.steps) > 0
+    pd.testing.assert_frame_equal(ff.steps, ref.steps, rtol=1e-12, atol=0)
+    pd.testing.assert_frame_equal(ff.layers, ref.layers, rtol=1e-12, atol=0)
+    assert ff.summary["simulated_s"] == pytest.approx(ref.summary["simulated_s"], rel=1e-12)
+    assert np.allclose(sim_ff.gpu_busy, sim_ref.gpu_busy, rtol=1e-12, atol=0)
+    return sim_ff, ff, ref
+
+
+CASES = {
+    "colocated-chunked-poisson-trace": {},
+    "no-chunking-overlap-off": {"serving.chunked_prefill": False,
+                                "serving.max_tokens_per_step": 96,
+                                "execution.overlap": "off"},
+    "kv-preemption": {"memory.kv_capacity_tokens": 260, "workload.num_requests": 30,
+                      "workload.rate_per_s": 2000},
+    "decode-role-burst-trace": {"serving.role": "decode", "workload.arrival": "burst",
+                                "workload.num_requests": 40, "serving.max_tokens_per_step": 4},
+    "decode-role-burst-counts": {"serving.role": "decode", "workload.arrival": "burst",
+                                 "workload.num_requests": 40, "serving.max_tokens_per_step": 4,
+                                 "routing.source": "uniform"},
+    "counts-colocated": {"routing.source": "uniform"},
+    "tp2-flat": {"parallelism.tp": 2, "execution.dispatcher": "flat"},
+    "tp2-counts": {"parallelism.tp": 2, "routing.source": "uniform"},
+    "per-layer-dispatcher": {"execution.dispatcher": "deepep-normal"},
+    "replicas-balanced": {"placement": {"kind": "balanced", "redundant_experts": 8}},
+    "resample-short-trace": {"routing.on_short": "resample", "routing.synth_tokens": 128,
+                             "routing.synth_requests": 2},
+    "slow-arrivals-idle-gaps": {"workload.rate_per_s": 20},
+    "step-limit": {"simulation.max_steps": 37, "serving.role": "decode",
+                   "workload.arrival": "burst", "workload.num_requests": 40},
+    "time-limit": {"simulation.max_sim_time_s": 0.05},
+    "record-gpu": {"simulation.record_gpu": True},
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_forward_equals_step_by_step(name):
+    sim, ff, ref = assert_same(scenario(**CASES[name]))
+    if name.startswith("kv-preemption"):
+        assert ref.requests.preemptions.sum() > 0  # the case does preempt
+    if name == "record-gpu":
+        pd.testing.assert_frame_equal(ff.gpu_loads, ref.gpu_loads, rtol=1e-12, atol=0)
+    if name in ("step-limit", "time-limit"):
+        assert ff.summary["finished"] < len(ff.requests)  # the limit cut the run
+
+
+def test_decode_windows_are_long_and_restore_on_arrivals():
+    """The burst decode case runs in few windows; Poisson arrivals cut some windows short."""
+    sim, _, _ = assert_same(scenario(**CASES["decode-role-burst-trace"]))
+    assert sim.windows * 4 < sim.num_steps
+    sim, _, _ = assert_same(scenario(**CASES["colocated-chunked-poisson-trace"]))
+    assert sim.windows_cut > 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    rate=st.floats(20, 3000),
+    n=st.integers(1, 30),
+    budget=st.sampled_from([8, 32, 128]),
+    running=st.integers(1, 6),
+    kv=st.integers(200, 1500),
+    overlap=st.booleans(),
+    role=st.sampled_from(["colocated", "decode"]),
+    arrival=st.sampled_from(["poisson", "burst"]),
+    source=st.sampled_from(["synthetic", "uniform"]),
+    seed=st.integers(0, 1000),
+)
+def test_fast_forward_equals_step_by_step_on_random_scenarios(rate, n, budget, running, kv,
+                                                               overlap, role, arrival, source,
+                                                               seed):
+    assert_same(scenario(**{
+        "workload.arrival": arrival, "workload.rate_per_s": rate, "workload.num_requests": n,
+        "workload.seed": seed, "serving.max_tokens_per_step": budget,
+        "serving.max_running": running, "serving.role": role,
+        "memory.kv_capacity_tokens": kv,
+        "execution.overlap": "two-microbatch" if overlap else "off",
+        "routing.source": source, "routing.seed": seed % 5}))
