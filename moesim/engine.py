@@ -404,34 +404,36 @@ class Router:
         else:
             gpu_load = (slot_load.reshape(W * L * G, self.S).astype(float)
                         @ np.ones(self.S)).reshape(W * L, G)
-        out_paths = np.zeros((W * L, G, 3))
-        in_paths = np.zeros((W * L, G, 3))
-        if self.nic_only:
+        if self.nic_only:  # every pair through the NIC: per-GPU totals are all that matter
             if self.valid_all:
                 sent = K * np.bincount(step * G + src, minlength=W * G).reshape(W, 1, G) * share
-                out_paths[..., 0] = np.broadcast_to(sent, (W, L, G)).reshape(W * L, G)
+                send = np.broadcast_to(sent, (W, L, G)).reshape(W * L, G)
             else:
                 k2 = (step[:, None] * L + np.arange(L)[None, :]) * G + src[:, None]
-                out_paths[..., 0] = np.bincount(k2.ravel(), weights=self.row_valid[rows].ravel(),
-                                                minlength=W * L * G).reshape(W * L, G) * share
-            in_paths[..., 0] = gpu_load
-        else:  # flat: pairs by path (same GPU, same node, other node)
-            if flat is None:
-                flat = self._slots_of(key)
-            dst = self.slot_gpu[flat]
-            src_b = src.astype(np.int32)[:, None, None]
-            path = (dst != src_b).astype(np.int32)
-            path += (dst // self.gpn) != (src_b // self.gpn)
-            in_key = (flat + (step * nb)[:, None, None]) * 3 + path
-            hist = np.bincount(in_key.ravel(), minlength=W * nb * 3).reshape(W, nb * 3)
-            in_paths = hist[:, : L * R * 3].reshape(W * L, G, self.S, 3).sum(2).astype(float)
-            out_key = ((step[:, None, None] * L + np.arange(L)[None, :, None]) * G + src_b) * 3 \
-                + path
-            if not self.valid_all:
-                out_key[dst == G] = W * L * G * 3
-            out_paths = np.bincount(out_key.ravel(), minlength=W * L * G * 3 + 1)[: W * L * G * 3]
-            out_paths = out_paths.reshape(W * L, G, 3).astype(float)
-            out_paths, in_paths = out_paths * share, in_paths * share
+                send = np.bincount(k2.ravel(), weights=self.row_valid[rows].ravel(),
+                                   minlength=W * L * G).reshape(W * L, G) * share
+            # the LL kernel moves every pair, own GPU included
+            d, c, sb, rb, which = self.comm.ll_comm_layers(self.cluster, send, gpu_load,
+                                                           *self.rows)
+            return {"slot_rows": slot_rows, "gpu_load": gpu_load, "dispatch_s": d,
+                    "combine_s": c, "sent_bytes": sb, "recv_bytes": rb, "bottleneck": which}
+        # flat: pairs by path (same GPU, same node, other node)
+        if flat is None:
+            flat = self._slots_of(key)
+        dst = self.slot_gpu[flat]
+        src_b = src.astype(np.int32)[:, None, None]
+        path = (dst != src_b).astype(np.int32)
+        path += (dst // self.gpn) != (src_b // self.gpn)
+        in_key = (flat + (step * nb)[:, None, None]) * 3 + path
+        hist = np.bincount(in_key.ravel(), minlength=W * nb * 3).reshape(W, nb * 3)
+        in_paths = hist[:, : L * R * 3].reshape(W * L, G, self.S, 3).sum(2).astype(float)
+        out_key = ((step[:, None, None] * L + np.arange(L)[None, :, None]) * G + src_b) * 3 \
+            + path
+        if not self.valid_all:
+            out_key[dst == G] = W * L * G * 3
+        out_paths = np.bincount(out_key.ravel(), minlength=W * L * G * 3 + 1)[: W * L * G * 3]
+        out_paths = out_paths.reshape(W * L, G, 3).astype(float)
+        out_paths, in_paths = out_paths * share, in_paths * share
         res = self.comm.pair_comm_layers(self.dispatcher.name, self.cluster, out_paths, in_paths,
                                          *self.rows)
         return {"slot_rows": slot_rows, "gpu_load": gpu_load, "dispatch_s": res.dispatch_s,
@@ -859,7 +861,7 @@ class Simulation:
         kept["layer_start_s"] = start[:k, None] + block["starts"][:k]
         kind, names = block["bottleneck"]
         kept["bottleneck"] = names[: k * L] if kind == "flat" else \
-            [b for per_step in names[:k] for b in per_step]
+            [b for per_step in names[:k] for b in per_step]  # flat: a list or LL_TERMS codes
         if self.record_gpu:
             kept["gpu_loads"] = block["gpu_loads"][:k]
             kept["gpu_expert_s"] = block["gpu_expert_s"][:k]
@@ -892,7 +894,10 @@ class Simulation:
         for key in self._LAYER_KEYS:
             cols[key] = self._gather(key)
         cols["start_s"] = self._gather("layer_start_s")
-        cols["bottleneck"] = [b for blk in self._blocks for b in blk["bottleneck"]]
+        terms = np.array(self.router.comm.LL_TERMS)
+        cols["bottleneck"] = [b for blk in self._blocks for b in (
+            terms[blk["bottleneck"]].tolist() if isinstance(blk["bottleneck"], np.ndarray)
+            else blk["bottleneck"])]
         return cols
 
     def step_table(self, layers: dict):

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moesim import comm
 from moesim.engine import build
 from moesim.scenario import scenario_from_dict
 
@@ -134,3 +135,33 @@ def test_fast_forward_equals_step_by_step_on_random_scenarios(rate, n, budget, r
         "memory.kv_capacity_tokens": kv,
         "execution.overlap": "two-microbatch" if overlap else "off",
         "routing.source": source, "routing.seed": seed % 5}))
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep-ll", "flat"])
+@pytest.mark.parametrize("placement", ["contiguous", "balanced"])
+def test_route_window_equals_route_tokens_step_by_step(dispatcher, placement):
+    """One windowed routing call gives, per step, what ``route_tokens`` (through
+    ``comm.pair_comm_layers``) gives for that step alone."""
+    sc = scenario(**{"execution.dispatcher": dispatcher,
+                     "placement": {"kind": placement,
+                                   "redundant_experts": 8 if placement == "balanced" else 0}})
+    router = build(scenario_from_dict(sc)).router
+    rng = np.random.default_rng(5)
+    W, L, G = 5, router.L, router.G
+    sizes = [3, 0, 17, 1, 40]
+    step = np.repeat(np.arange(W), sizes)
+    rows = rng.integers(0, router.T, len(step))
+    src = rng.integers(0, G, len(step))
+    req = rng.integers(0, 50, len(step))
+    win = router.route_window(rows, src, req, step, W, 0.5)
+    names = np.array(comm.LL_TERMS)
+    for k in range(W):
+        sel = step == k
+        one = router.route_tokens(rows[sel], src[sel], 0.5, req[sel])
+        part = slice(k * L, (k + 1) * L)
+        assert np.array_equal(win["slot_rows"][part], one.slot_rows)
+        for key in ("gpu_load", "dispatch_s", "combine_s", "sent_bytes", "recv_bytes"):
+            assert np.allclose(win[key][part], getattr(one, key), rtol=1e-12, atol=0), key
+        b = win["bottleneck"]
+        got = names[b[part]].tolist() if isinstance(b, np.ndarray) else b[part]
+        assert got == one.bottleneck
