@@ -121,8 +121,9 @@ def plan_layers(problem: PlacementProblem, objective: Objective, time_limit: flo
         polished = polish(problem, min(maps.items(), key=lambda kv: max_gpu_load(problem, kv[1][lay][None], lay)[0]), lay)
         rows = {name: phy[lay] for name, phy in maps.items()}
         rows[polished[0]] = polished[1]
-        scored.append((layer_value(layer_terms(problem, objective, lay, polished[1], prev_row), objective),
-                       polished[0]))
+        if cap is None or max_gpu_load(problem, polished[1][None], lay)[0] <= cap * (1 + 1e-12) or not scored:
+            scored.append((layer_value(layer_terms(problem, objective, lay, polished[1], prev_row), objective),
+                           polished[0]))
         layer_share = max(0.05, (deadline - time.perf_counter()) / (len(layers) - i))
         hyper = objective.weights.get("cross_node", 0) > 0 and problem.cluster.num_nodes > 1
         if hyper:
