@@ -108,6 +108,7 @@ def test_run_records_the_emulated_device_and_stays_exact(tmp_path):
                    read_gbps=0.05)
     r = validate(path, prof)
     assert r["bytes_exact"] and r["hits_exact"]
-    # the profile measured the emulated device, not the disk: about 0.05 GB/s
+    # the profile measured the emulated device (0.05 GB/s), not the disk (GB/s): a fit of
+    # latency + bytes / bandwidth over two file sizes, loose against timing noise
     link = yaml.safe_load(prof.read_text())["links"]["expert_read"]
-    assert 0.03e9 < link["bandwidth"] <= 0.0505e9
+    assert 0.025e9 < link["bandwidth"] < 0.1e9

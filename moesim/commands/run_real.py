@@ -35,12 +35,60 @@ def _params(items: list[str] | None) -> dict:
     return out
 
 
+def _run_stack(model, settings, store, trace, fmt, layers, tokens, warmup_tokens,
+               first_layer, first_token, seed, overrides):
+    from moesim.executor import StackSpec, capture
+    from moesim.executor.runner import routing_slice
+    from moesim.model import get_model
+
+    try:
+        preset = get_model(model, **overrides)
+    except TypeError as exc:
+        from moesim.errors import MoesimError
+
+        raise MoesimError(f"--override: {exc}") from None
+    routing = None
+    if trace is not None:
+        src = _load_trace(trace, fmt)
+        routing = routing_slice(src, layers, warmup_tokens + tokens, first_layer,
+                                first_token)
+        spec = StackSpec.for_model(preset, layers, max(preset.num_experts,
+                                                       routing.meta.num_experts),
+                                   routing.meta.top_k, seed=seed)
+    else:
+        spec = StackSpec.for_model(preset, layers, seed=seed)
+    return capture(spec, settings, store, trace=routing,
+                   tokens=None if routing is not None else warmup_tokens + tokens)
+
+def _run_hf(source, settings, store, trace, fmt, tokens, warmup_tokens, first_layer,
+            first_token, overrides):
+    from moesim.executor.hf import capture_hf, load_hf
+    from moesim.executor.runner import routing_slice
+
+    try:
+        model = load_hf(source, settings.seed, overrides)
+    except TypeError as exc:
+        from moesim.errors import MoesimError
+
+        raise MoesimError(f"--override: {exc}") from None
+    routing = None
+    if trace is not None:
+        routing = routing_slice(_load_trace(trace, fmt), model.spec.layers,
+                                warmup_tokens + tokens, first_layer, first_token)
+    return capture_hf(model, settings, store, trace=routing,
+                      tokens=None if routing is not None else warmup_tokens + tokens)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run-real")
     def run_real(
         out: Path = typer.Option(..., "--out", help="Run file to write (Parquet)."),
         model: str = typer.Option("deepseek-v2-lite", "--model", help="Preset whose dimensions "
                                   "the synthetic stack takes."),
+        hf: str = typer.Option(None, "--hf", help="Run a Hugging Face model instead of the "
+                               "synthetic stack: tiny:ARCH (random weights; --override changes "
+                               "its config) or a local model directory. All its MoE layers run "
+                               "(--layers is ignored)."),
         layers: int = typer.Option(2, "--layers", help="MoE layers to run."),
         trace: Path = typer.Option(None, "--trace", help="Force the routing from this trace "
                                    "(.parquet, or .npz arrays); omit for the router's own."),
@@ -78,9 +126,7 @@ def register(app: typer.Typer) -> None:
         """Run the MoE layers with experts offloaded behind a cache; write the run file."""
         import numpy as np
 
-        from moesim.executor import RunSettings, StackSpec, capture
-        from moesim.executor.runner import routing_slice
-        from moesim.model import get_model
+        from moesim.executor import RunSettings
 
         settings = RunSettings(policy=policy, policy_params=_params(param),
                                capacity_experts=capacity_experts, capacity_bytes=capacity_bytes,
@@ -88,30 +134,19 @@ def register(app: typer.Typer) -> None:
                                prefetch_params=_params(prefetch_param), io_threads=io_threads,
                                compute_threads=compute_threads, device=device, cold=cold,
                                read_gbps=read_gbps, seed=seed, warmup_tokens=warmup_tokens)
-        try:
-            preset = get_model(model, **_params(override))
-        except TypeError as exc:
-            from moesim.errors import MoesimError
-
-            raise MoesimError(f"--override: {exc}") from None
-        routing = None
-        if trace is not None:
-            src = _load_trace(trace, fmt)
-            routing = routing_slice(src, layers, warmup_tokens + tokens, first_layer,
-                                    first_token)
-            spec = StackSpec.for_model(preset, layers, max(preset.num_experts,
-                                                           routing.meta.num_experts),
-                                       routing.meta.top_k, seed=seed)
+        if hf is not None:
+            run = _run_hf(hf, settings, store, trace, fmt, tokens, warmup_tokens, first_layer,
+                          first_token, _params(override))
         else:
-            spec = StackSpec.for_model(preset, layers, seed=seed)
-        run = capture(spec, settings, store, trace=routing,
-                      tokens=None if routing is not None else warmup_tokens + tokens)
+            run = _run_stack(model, settings, store, trace, fmt, layers, tokens, warmup_tokens,
+                             first_layer, first_token, seed, _params(override))
         run.write(out)
         a = run.to_arrays(columns=["t_step_s", "residency"])
         step = a["t_step_s"][warmup_tokens:, 0]
         res = a["residency"][warmup_tokens:]
         emit({"out": str(out), "tokens": int(len(step)), "warmup_tokens": warmup_tokens,
-              "layers": layers,
+              "layers": run.meta.num_layers,
+              "model": run.meta.capture.get("hf_model", {}).get("source", run.meta.model),
               "hit_rate": float(np.mean(res[res >= 0] > 0)),
               "bytes_read": int(sum(run.meta.capture["transfers"]["payload_bytes"])),
               "latency_ms_mean": float(step.mean() * 1e3),

@@ -70,8 +70,10 @@ def versions() -> dict:
 
 
 def to_trace(rec: RunRecord, spec: StackSpec, settings: RunSettings, *, source_trace=None,
-             seq_lens=None, phase=None, request_ids=None, routing: str = "forced"):
-    """Build the run's Trace (rows + measured columns + metadata)."""
+             seq_lens=None, phase=None, request_ids=None, routing: str = "forced",
+             expert_bytes: int | None = None, extra_capture: dict | None = None):
+    """Build the run's Trace (rows + measured columns + metadata); ``expert_bytes`` overrides
+    the stack's expert payload (a Hugging Face model's experts), ``extra_capture`` adds keys."""
     from moesim.traces.trace import Trace
 
     T = rec.experts.shape[0]
@@ -95,6 +97,7 @@ def to_trace(rec: RunRecord, spec: StackSpec, settings: RunSettings, *, source_t
         "file_header_bytes": rec.file_header_bytes,
         "policy_stats": rec.stats,
         "transfers": transfers,
+        **(extra_capture or {}),
     }
     return Trace.from_arrays(
         rec.experts, rec.weights, seq_lens if seq_lens is not None else [T], "decode" if phase is None else phase,
@@ -102,7 +105,7 @@ def to_trace(rec: RunRecord, spec: StackSpec, settings: RunSettings, *, source_t
         num_layers=spec.layers, num_experts=spec.num_experts, top_k=spec.top_k,
         model=spec.model.name, weight_norm=(source_trace.meta.weight_norm if source_trace
                                             is not None else "raw"),
-        source="moesim run-real", expert_bytes=[spec.expert_payload_bytes()] * spec.layers,
+        source="moesim run-real", expert_bytes=[expert_bytes or spec.expert_payload_bytes()] * spec.layers,
         shared_experts=spec.model.shared_experts, capture=capture)
 
 

@@ -277,8 +277,15 @@ def _sync(policy, ram, loading, store) -> None:
             store.release(tr.result)
 
 
-def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, clock, store):
-    """Compute the batch's experts: resident ones first, then reads in completion order."""
+def stack_kernel(tensors, h):
+    """The synthetic stack's routed expert on ``h`` (unweighted)."""
+    return swiglu(h, *_mats(tensors))
+
+
+def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, clock, store,
+             kernel=stack_kernel):
+    """Compute the batch's experts: resident ones first, then reads in completion order;
+    ``kernel(tensors, h)`` runs one expert from its loaded tensors."""
     compute = 0.0
     wait = 0.0
     waiting = []
@@ -299,7 +306,7 @@ def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, 
             continue
         if k in ram:
             c0 = clock()
-            out += float(w_row[slot]) * swiglu(h, *_mats(ram[k].tensors))
+            out += float(w_row[slot]) * kernel(ram[k].tensors, h)
             compute += clock() - c0
         else:
             waiting.append((slot, k, loading[k]))
@@ -316,7 +323,7 @@ def _experts(pool, ram, loading, keys, hits, pre, h, w_row, out, rec, t, layer, 
         ram[k] = tr.result
         loading.pop(k, None)
         c0 = clock()
-        out += float(w_row[slot]) * swiglu(h, *_mats(ram[k].tensors))
+        out += float(w_row[slot]) * kernel(ram[k].tensors, h)
         compute += clock() - c0
     return compute, wait
 
