@@ -595,6 +595,10 @@ class Simulation:
         self.overlap = scenario.execution.overlap == "two-microbatch"
         self.step_overhead = scenario.execution.step_overhead_s
         self.fast_forward = scenario.simulation.fast_forward
+        # closed decode instance: whole windows from the scheduler's slot queues (tp 1, where
+        # the token order within a step changes no cost; trace routing with pair dispatchers)
+        self._closed_decode = self.fast_forward and scheduler.closed_decode and layout.tp == 1 \
+            and (routing.kind == "counts" or router.pair)
         G = layout.num_gpus
         self.group_gpus = np.arange(G).reshape(layout.num_groups, layout.tp)
         self.record_gpu = scenario.simulation.record_gpu
@@ -952,6 +956,8 @@ class Simulation:
         one go (``Scheduler.steady_steps``). Returns (inputs, running, waiting, steps, empty):
         ``empty`` when the window ended at a step with nothing to run."""
         s = self.scheduler
+        if self._closed_decode:
+            return self._decode_window(W)
         chunks, running, waiting = [], [], []
         j = 0
         while j < W and not s.all_done:
@@ -977,6 +983,41 @@ class Simulation:
                     waiting.append(np.full(r, len(s.waiting)))
                     j += r
         return chunks, running, waiting, j, False
+
+    def _decode_window(self, W: int):
+        """``_run_ahead`` of a closed decode instance (``Scheduler.decode_window``): the steps'
+        inputs from the requests' intervals of steps, with difference arrays over steps."""
+        s = self.scheduler
+        win = s.decode_window(W) if not s.all_done else None
+        if win is None:
+            return [], [], [], 0, True
+        n, ids, first, last = win["n"], win["ids"], win["first"], win["last"]
+        ng = self.layout.num_groups
+        g = s.group[ids]
+        base = s.prompt[ids] + win["gen0"] - first  # context at step j: base + j
+        cover = np.zeros((n + 1) * ng, dtype=np.int64)
+        ctx = np.zeros((n + 1) * ng, dtype=np.int64)
+        np.add.at(cover, first * ng + g, 1)
+        np.add.at(cover, (last + 1) * ng + g, -1)
+        np.add.at(ctx, first * ng + g, base)
+        np.add.at(ctx, (last + 1) * ng + g, -base)
+        n_dec = np.cumsum(cover.reshape(n + 1, ng)[:n], axis=0)
+        kv = (np.cumsum(ctx.reshape(n + 1, ng)[:n], axis=0)
+              + np.arange(n)[:, None] * n_dec).astype(float)  # integer sums: exact
+        tokens = n_dec.astype(float)
+        inp = {"n": n, "tokens": tokens, "kv_read": kv, "pairs": kv,
+               "decode": np.ones((n, ng), dtype=bool), "n_dec": None,
+               "producers": n_dec.max(axis=1), "num_decode": n_dec.sum(axis=1),
+               "num_prefill": np.zeros(n, dtype=np.int64)}
+        if self.routing.kind == "trace":
+            length = last - first + 1
+            req = np.repeat(ids, length)
+            step = np.repeat(first - np.cumsum(length) + length, length) + np.arange(len(req))
+            inp.update(req=req, src=s.group[req], step=step,
+                       pos=np.repeat(base - 1, length) + step)
+        else:
+            inp["src_tokens"] = tokens
+        return [inp], [win["running"]], [win["waiting"]], n, False
 
     def _window_len(self, index: int) -> int:
         s, m = self.scheduler, self.model

@@ -384,3 +384,105 @@ class Scheduler:
             getattr(self, k)[:end] = snap[k]
         for k in self._SCALARS:
             setattr(self, k, snap[k])
+
+    @property
+    def closed_decode(self) -> bool:
+        """Decode instance whose KV never fills and whose token budget never binds: requests
+        arrive with their prompt's KV, nobody is ever preempted or prefills, and each group
+        admits its next waiting requests (in arrival order) into every free running slot at
+        once. ``decode_window`` then steps many steps at once."""
+        return self.role == "decode" and self.kv_never_full and self.max_tokens >= self.max_running
+
+    def decode_window(self, W: int) -> dict | None:
+        """Run up to ``W`` steps of a ``closed_decode`` scheduler at once, with no arrival; the
+        same decisions as ``W`` calls of form_batch + finish_step (stamps -(j + 1) as in the
+        engine's windows). Each group is a FIFO queue with ``max_running`` slots: a request
+        finishing at the end of step f frees its slot for the group's next waiting request at
+        step f + 1, which decodes (and produces its first token) at once. Returns the steps'
+        requests as intervals (id, first step, last step, generated at its first step) and
+        the counts the engine records, or None when the first step would be empty."""
+        G, M = self.num_groups, self.max_running
+        run, wait = self.running, self.waiting
+        # the queue of each group, in order (the waiting queue stays in arrival order)
+        wg = self.group[wait]
+        order = np.argsort(wg, kind="stable")
+        qstart = np.searchsorted(wg[order], np.arange(G + 1))
+        queues = wait[order]
+        heads = qstart[:-1].tolist()
+        ends = qstart[1:].tolist()
+        rem = (self.output[run] - self.generated[run]).tolist()  # steps left, >= 1
+        heaps: list[list] = [[] for _ in range(G)]
+        for gid, r in zip(self.group[run].tolist(), rem, strict=True):
+            heaps[gid].append(r - 1)  # the step at whose end the slot frees
+        import heapq
+
+        out_q = self.output
+        adm_id, adm_step = [], []
+        for g in range(G):
+            h = heaps[g]
+            h.extend([-1] * (M - len(h)))  # free slots: available at step 0
+            heapq.heapify(h)
+            q, qe = heads[g], ends[g]
+            while q < qe:
+                f = h[0]
+                if f + 1 >= W:
+                    break
+                rid = int(queues[q])
+                q += 1
+                adm_id.append(rid)
+                adm_step.append(f + 1)
+                heapq.heapreplace(h, f + int(out_q[rid]))
+        adm_id = np.array(adm_id, dtype=np.int64)
+        adm_step = np.array(adm_step, dtype=np.int64)
+        # every request active in the window: (id, first step, last step, generated at first)
+        ids = np.concatenate([run, adm_id])
+        first = np.concatenate([np.zeros(len(run), dtype=np.int64), adm_step])
+        gen0 = np.concatenate([self.generated[run], np.zeros(len(adm_id), dtype=np.int64)])
+        last_needed = first + self.output[ids] - gen0 - 1  # step of its last token
+        n_steps = W
+        if len(ids) == 0:
+            return None
+        # the window ends before the first step with nothing to run (empty batch)
+        cover = np.zeros(W + 1, dtype=np.int64)
+        np.add.at(cover, first, 1)
+        np.add.at(cover, np.minimum(last_needed, W - 1) + 1, -1)
+        running_n = np.cumsum(cover[:W])
+        empty = np.flatnonzero(running_n == 0)
+        if len(empty):
+            n_steps = int(empty[0])
+            if n_steps == 0:
+                return None
+            keep = first < n_steps
+            ids, first, gen0, last_needed = ids[keep], first[keep], gen0[keep], last_needed[keep]
+            adm_keep = adm_step < n_steps
+            adm_id, adm_step = adm_id[adm_keep], adm_step[adm_keep]
+        last = np.minimum(last_needed, n_steps - 1)
+        finished = last_needed <= n_steps - 1
+        steps_run = last - first + 1
+        # state after the window
+        self.generated[ids] += steps_run
+        self.tokens_produced += int(steps_run.sum())
+        self.state[adm_id] = RUNNING
+        fresh = adm_id[np.isnan(self.admitted_s[adm_id])]
+        self.admitted_s[fresh] = -(adm_step[np.isnan(self.admitted_s[adm_id])] + 1.0)
+        no_first = np.isnan(self.first_token_s[ids])
+        self.first_token_s[ids[no_first]] = -(first[no_first] + 1.0)
+        done = ids[finished]
+        self.state[done] = DONE
+        self.finish_s[done] = -(last[finished] + 1.0)
+        self.finish_count[done] += 1
+        self.num_done += len(done)
+        adm_order = np.lexsort((adm_id, adm_step))
+        new_running = np.concatenate([run, adm_id[adm_order]])
+        self.running = new_running[self.state[new_running] == RUNNING]
+        # admitted requests leave the queue (a prefix of each group's queue)
+        taken = np.bincount(self.group[adm_id], minlength=G)
+        rank = np.empty(len(wait), dtype=np.int64)
+        rank[order] = np.arange(len(wait)) - qstart[:-1][wg[order]]
+        self.waiting = wait[rank >= taken[wg]]
+        # per-step counts recorded after each step's finish
+        fin = np.bincount(last[finished], minlength=n_steps)[:n_steps]
+        adm = np.bincount(adm_step, minlength=n_steps)[:n_steps]
+        return {"n": n_steps, "ids": ids, "first": first, "last": last, "gen0": gen0,
+                "running": running_n[:n_steps] - fin,
+                "waiting": len(wait) - np.cumsum(adm)}

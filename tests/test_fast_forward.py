@@ -107,7 +107,10 @@ def test_fast_forward_equals_step_by_step(name):
 def test_decode_windows_are_long_and_restore_on_arrivals():
     """The burst decode case runs in few windows; Poisson arrivals cut some windows short."""
     sim, _, _ = assert_same(scenario(**CASES["decode-role-burst-trace"]))
-    assert sim.windows * 4 < sim.num_steps
+    assert sim._closed_decode and sim.windows * 4 < sim.num_steps
+    sim, _, _ = assert_same(scenario(**{**CASES["decode-role-burst-trace"],
+                                        "workload.arrival": "poisson"}))
+    assert sim._closed_decode and sim.windows_cut > 0
     sim, _, _ = assert_same(scenario(**CASES["colocated-chunked-poisson-trace"]))
     assert sim.windows_cut > 0
 
