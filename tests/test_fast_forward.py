@@ -168,3 +168,24 @@ def test_route_window_equals_route_tokens_step_by_step(dispatcher, placement):
         b = win["bottleneck"]
         got = names[b[part]].tolist() if isinstance(b, np.ndarray) else b[part]
         assert got == one.bottleneck
+
+
+@pytest.mark.parametrize("dispatcher", ["deepep-ll", "flat"])
+def test_route_expected_many_equals_route_expected(dispatcher):
+    """Memo misses computed together give what ``route_expected`` gives row by row (also
+    for a row repeated inside the call and a row already memoised)."""
+    sc = scenario_from_dict(scenario(**{"execution.dispatcher": dispatcher,
+                                        "routing.source": "uniform"}))
+    many, one = build(sc), build(sc)
+    rows = np.array([[3, 0, 2, 5], [1, 1, 1, 1], [3, 0, 2, 5], [0, 0, 0, 7]], dtype=float)
+    many.router.route_expected(rows[3], 0.5)  # memoised before the call
+    got = many.router.route_expected_many(rows, 0.5, many.costs)
+    assert got[0] is got[2]
+    for row, r in zip(rows, got, strict=True):
+        ref = one.router.route_expected(row, 0.5)
+        for key in ("slot_load", "active", "gpu_load", "dispatch_s", "combine_s", "sent_bytes",
+                    "recv_bytes"):
+            assert np.allclose(getattr(r, key), getattr(ref, key), rtol=1e-12, atol=0), key
+        assert r.bottleneck == ref.bottleneck
+        assert np.allclose(many._expected_experts(r), one._expected_experts(ref), rtol=1e-12,
+                           atol=0)
