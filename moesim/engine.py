@@ -531,8 +531,15 @@ class Router:
             else:
                 pending[key] = u
                 miss.append((u, t))
-        if not miss:
-            return out
+        for i in range(0, len(miss), self.MISS_CHUNK):  # small chunks stay in cache
+            self._expected_chunk(miss[i: i + self.MISS_CHUNK], share, costs, out)
+        for u, first in repeats:
+            out[u] = out[first]
+        return out
+
+    MISS_CHUNK = 4
+
+    def _expected_chunk(self, miss: list, share: float, costs, out: list) -> None:
         self.cache_misses += len(miss)
         L, G, R, K, S = self.L, self.G, self.R, self.K, self.S
         M = len(miss)
@@ -570,9 +577,6 @@ class Router:
                 self._cache.clear()
             self._cache[ti.tobytes()] = r
             out[u] = r
-        for u, first in repeats:
-            out[u] = out[first]
-        return out
 
     # ----- helpers ------------------------------------------------------------------------------
     def _pair_comm(self, out: StepRouting, out_paths: np.ndarray, in_paths: np.ndarray) -> None:
