@@ -17,6 +17,12 @@ speed, the device the runs read from holds one bandwidth, and the comparison tes
 (misses, overlap, compute, overhead) rather than the host's disk weather. ``--read-gbps 0``
 reads at the disk's own speed (the committed cpu_validation_raw_disk.* results).
 
+``--hf`` runs a Hugging Face model instead of the synthetic stacks: transformers' Qwen3-MoE
+architecture at Qwen3-30B-A3B's dimensions (hidden 2048, expert width 768, 32 heads / 4 KV
+heads, bf16; random weights) with the ESFT trace's 64 experts and top-6 over 3 layers, its
+attention, router and experts code running whole (``moesim.executor.hf``); results in
+cpu_validation_hf.*.
+
 Prints one line per run and writes benchmarks/results/cpu_validation.{json,md}.
 Run: python benchmarks/cpu_validation.py [--tokens 48] [--layers 3] [--read-gbps 0.7]
 """
@@ -35,6 +41,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MOESIM_SHARED_DATA", REPO.parent / "shared" / "data"))
 SHAPES = ("deepseek-v2-lite", "qwen3-30b-a3b")
+# tiny:qwen3_moe's config at Qwen3-30B-A3B's dimensions (config.json of Qwen/Qwen3-30B-A3B),
+# with the ESFT routing's expert count and top-k
+HF_QWEN3 = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
+                num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=64,
+                num_experts_per_tok=6, norm_topk_prob=True)
 POLICIES = ("lru", "lfu")
 CACHE_FRACTIONS = (0.125, 0.25, 0.5)  # of the run's L x 64 (layer, expert) keys
 HELDOUT = 64  # held-out expert files per shape for the read calibrations
@@ -58,7 +69,11 @@ def main() -> None:
                     help="Folder on the disk for the expert store and run files.")
     ap.add_argument("--read-gbps", type=float, default=0.7,
                     help="Emulated storage bandwidth in GB/s over the real reads; 0: the disk's own.")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_validation"))
+    ap.add_argument("--hf", action="store_true",
+                    help="Run transformers' Qwen3-MoE at Qwen3-30B-A3B dimensions instead of "
+                         "the synthetic stacks.")
+    ap.add_argument("--out", default=None, help="Results path without suffix (default "
+                    "benchmarks/results/cpu_validation, or cpu_validation_hf with --hf).")
     args = ap.parse_args()
 
     from moesim.calibrate import measure_machine
@@ -81,6 +96,13 @@ def main() -> None:
     E, K = routing.meta.num_experts, routing.meta.top_k
     specs = [StackSpec.for_model(get_model(m), args.layers, max(get_model(m).num_experts, E), K)
              for m in SHAPES]
+    hf = None
+    if args.hf:
+        from moesim.executor.hf import load_hf
+
+        hf = load_hf("tiny:qwen3_moe", overrides=dict(HF_QWEN3, num_hidden_layers=args.layers),
+                     dtype="bf16")
+        specs = [hf.spec]
     # the base profile (generic operations), then the stores; every run is calibrated right
     # before it, so disk and CPU drift between calibration and run stays seconds, not minutes
     base = work / "hardware.yaml"
@@ -115,7 +137,12 @@ def main() -> None:
                     settings = RunSettings(policy=policy, capacity_experts=cap,
                                            io_threads=args.io_threads,
                                            warmup_tokens=args.warmup, read_gbps=gbps)
-                    run = capture(spec, settings, work / "store", trace=routing)
+                    if hf is not None:
+                        from moesim.executor.hf import capture_hf
+
+                        run = capture_hf(hf, settings, work / "store", trace=routing)
+                    else:
+                        run = capture(spec, settings, work / "store", trace=routing)
                     path = run.write(work / "runs" / f"{name}.parquet")
                     r = validate(path, profile)
                     only = validate(path, profile, warmup_calibration=False)
@@ -128,6 +155,8 @@ def main() -> None:
                         "read_simulated_s", "read_error_pct", "overhead_measured_s",
                         "overhead_predicted_s", "read_mean_measured_s", "reads_slow_pct",
                         "io_replay_mape")}
+                    if hf is not None:
+                        row["model"] = "HF Qwen3-MoE (Qwen3-30B-A3B dims)"
                     row["repeat"] = _
                     emulated = run.meta.capture["policy_stats"].get("emulated_read")
                     row["reads_slower_than_emulated"] = (
@@ -155,7 +184,8 @@ def main() -> None:
     summary = {
         "command": "python benchmarks/cpu_validation.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in
-            ("tokens", "warmup", "layers", "io_threads", "task", "repeats", "read_gbps")),
+            ("tokens", "warmup", "layers", "io_threads", "task", "repeats", "read_gbps"))
+            + (" --hf" if args.hf else ""),
         "read_gbps": gbps,
         "routing": f"ESFT {args.task} (DeepSeek-V2-Lite routing), layers "
                    f"{args.first_layer}..{args.first_layer + args.layers - 1}, first "
@@ -184,7 +214,8 @@ def main() -> None:
         "all_hits_exact": all(r["hits_exact"] for r in rows),
         "wall_s": time.perf_counter() - t_start,
     }
-    out = Path(args.out)
+    out = Path(args.out or REPO / "benchmarks" / "results" /
+               ("cpu_validation_hf" if args.hf else "cpu_validation"))
     write_json_atomic(out.with_suffix(".json"), summary)
     write_text_atomic(out.with_suffix(".md"), _markdown(summary))
     print(f"MAPE median {summary['median_latency_mape']:.2f} %, max "

@@ -75,12 +75,14 @@ def _config_value(cfg, *names, default=None):
     return default
 
 
-def load_hf(source: str, seed: int = 0, overrides: dict | None = None) -> HFModel:
+def load_hf(source: str, seed: int = 0, overrides: dict | None = None,
+            dtype: str | None = None) -> HFModel:
     """``tiny:ARCH`` (random weights, seeded; ``overrides`` change its config) or a local model
-    directory; raises ExecutorError for an architecture whose experts cannot be offloaded."""
+    directory; ``dtype`` (fp32, bf16, fp16) casts the model; raises ExecutorError for an
+    architecture whose experts cannot be offloaded."""
     import torch
 
-    from moesim.executor.stack import StackSpec
+    from moesim.executor.stack import COMPUTE_DTYPES, StackSpec, torch_dtype
     from moesim.traces.capture import build_tiny_model, load_model, tiny_arch
     from moesim.traces.hook import find_moe_layers
 
@@ -94,6 +96,10 @@ def load_hf(source: str, seed: int = 0, overrides: dict | None = None) -> HFMode
         loaded = load_model(source, seed=seed)
         model, name = loaded.model, loaded.name
         arch = model.config.model_type
+    if dtype is not None:
+        if dtype not in COMPUTE_DTYPES:
+            raise ExecutorError(f"dtype {dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+        model = model.to(torch_dtype(dtype))
     cfg = getattr(model.config, "text_config", None) or model.config
     found = find_moe_layers(model)
     modules = dict(model.named_modules())
@@ -354,7 +360,8 @@ def run_hf(hf: HFModel, store: ExpertStore, settings, *, trace=None, tokens: int
     if T > limit:
         raise ExecutorError(f"{T} tokens exceed the model's {limit} positions; run fewer (--tokens)")
     ids = token_ids(hf, T, settings.seed)
-    forward_tokens(hf, ids[:, :2])  # warm the kernels up with the experts still in memory
+    if not hf.offloaded:  # warm the kernels up while the experts are still in memory
+        forward_tokens(hf, ids[:, :2])
     offload(hf, store)
     policy, prefetcher = _policy(spec, settings, stream)
     all_keys = np.arange(spec.layers * spec.num_experts)
@@ -412,6 +419,7 @@ def capture_hf(model, settings, store_root, *, trace=None, tokens: int | None = 
     from moesim.executor.runfile import to_trace
 
     hf = model if isinstance(model, HFModel) else load_hf(model, settings.seed, overrides)
+    hf.info["run_dtype"] = hf.spec.dtype
     store = store_for_hf(store_root, hf, settings.cold, settings.read_gbps)
     rec = run_hf(hf, store, settings, trace=trace, tokens=tokens)
     extra = {"hf_model": hf.info}
