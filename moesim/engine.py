@@ -41,6 +41,32 @@ GB = 1e9
 
 
 # ---------------------------------------------------------------------------------------------
+# Optional compiled kernel (numba): one pass over the tokens' precomputed slot ids
+# ---------------------------------------------------------------------------------------------
+def _slot_counter():
+    """``count(row_slot[V*T, L*K], key[n], step[n], nb, out[W*nb])``: out[step*nb + slot] += 1
+    for every slot id of every token (what gather + bincount give, without the [n, L, K] copy
+    and bincount's extra passes), or None without numba (numpy then does it)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(cache=True, nogil=True)
+    def count(row_slot, key, step, nb, out):  # pragma: no cover - compiled
+        for t in range(key.shape[0]):
+            base = step[t] * nb
+            ids = row_slot[key[t]]
+            for j in range(ids.shape[0]):
+                out[base + ids[j]] += 1
+
+    return count
+
+
+SLOT_COUNTER = _slot_counter()
+
+
+# ---------------------------------------------------------------------------------------------
 # Resolved configuration
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -297,6 +323,11 @@ class Router:
                 self.row_slot = self._row_slots(every // self.T, every % self.T)
                 if self.row_slot.size > 2**25:  # over 256 MB: half the bytes, a cast per step
                     self.row_slot = self.row_slot.astype(np.int32)
+            if self.nic_only and self.row_slot is not None and SLOT_COUNTER is not None:
+                # load (or compile) the kernel now, with the real types: build time, not run time
+                nb = L * self.R + 1
+                SLOT_COUNTER(self.row_slot[:1].reshape(1, -1), np.zeros(1, np.intp),
+                             np.zeros(1, np.intp), nb, np.zeros(nb, np.int64))
         if routing.kind == "counts":
             phy = np.maximum(layout.phy2log, 0)
             per_slot = np.where(layout.phy2log >= 0, np.take_along_axis(routing.share, phy, 1), 0.0)
@@ -392,6 +423,11 @@ class Router:
             flat += (used // (V * T) * nb)[:, None, None]
             w = np.repeat(mult[used].astype(float), L * K)
             slot_rows = np.bincount(flat.ravel(), weights=w, minlength=W * nb).astype(np.int64)
+            flat = None
+        elif self.nic_only and self.row_slot is not None and SLOT_COUNTER is not None:
+            slot_rows = np.zeros(W * nb, dtype=np.int64)
+            SLOT_COUNTER(self.row_slot.reshape(len(self.row_slot), -1), key.astype(np.intp),
+                         step, nb, slot_rows)
             flat = None
         else:
             flat = self._slots_of(key)
@@ -1083,8 +1119,10 @@ class Simulation:
             length = last - first + 1
             req = np.repeat(ids, length)
             step = np.repeat(first - np.cumsum(length) + length, length) + np.arange(len(req))
-            inp.update(req=req, src=s.group[req], step=step,
-                       pos=np.repeat(base - 1, length) + step)
+            pos = np.repeat(base - 1, length) + step
+            order = np.argsort(step, kind="stable")  # step-major: the counts stay in cache
+            req, step, pos = req[order], step[order], pos[order]
+            inp.update(req=req, src=s.group[req], step=step, pos=pos)
         else:
             inp["src_tokens"] = tokens
         return [inp], [win["running"]], [win["waiting"]], n, False
@@ -1100,7 +1138,12 @@ class Simulation:
             tokens = len(run)
             if len(s.waiting) or (s.target[run] > s.prefilled[run]).any():
                 tokens = s.num_groups * max(s.max_tokens, s.max_running)
-            W = min(W, max(1, self.WINDOW_ELEMENTS // (max(tokens, 1) * m.moe_layers * m.top_k)))
+            r = self.router
+            if r.nic_only and r.row_slot is not None and SLOT_COUNTER is not None:
+                per_step = 2 * r.L * r.R + 4 * tokens  # slot counts and token arrays
+            else:
+                per_step = max(tokens, 1) * m.moe_layers * m.top_k  # the gathered slot ids
+            W = min(W, max(1, self.WINDOW_ELEMENTS // per_step))
         return W
 
     def _serve_windows(self, env, progress):

@@ -189,3 +189,24 @@ def test_route_expected_many_equals_route_expected(dispatcher):
         assert r.bottleneck == ref.bottleneck
         assert np.allclose(many._expected_experts(r), one._expected_experts(ref), rtol=1e-12,
                            atol=0)
+
+
+def test_compiled_slot_counter_equals_numpy(monkeypatch):
+    """The optional numba kernel counts exactly what numpy's gather + bincount count."""
+    from moesim import engine
+
+    if engine.SLOT_COUNTER is None:
+        pytest.skip("numba is not installed (the numpy path is the one in use)")
+    sc = scenario(**{"placement": {"kind": "balanced", "redundant_experts": 8}})
+    router = build(scenario_from_dict(sc)).router
+    rng = np.random.default_rng(9)
+    step = np.repeat(np.arange(4), [5, 0, 30, 2])
+    rows, src = rng.integers(0, router.T, len(step)), rng.integers(0, router.G, len(step))
+    req = rng.integers(0, 50, len(step))
+    compiled = router.route_window(rows, src, req, step, 4, 0.5)
+    monkeypatch.setattr(engine, "SLOT_COUNTER", None)
+    plain = router.route_window(rows, src, req, step, 4, 0.5)
+    assert compiled["slot_rows"].sum() == len(step) * router.L * router.K
+    for key in ("slot_rows", "gpu_load", "dispatch_s", "combine_s", "sent_bytes", "recv_bytes",
+                "bottleneck"):
+        assert np.array_equal(compiled[key], plain[key]), key
