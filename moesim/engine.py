@@ -321,13 +321,15 @@ class Router:
             if self.V * ex.size <= 2**26:
                 every = np.arange(self.V * self.T)
                 self.row_slot = self._row_slots(every // self.T, every % self.T)
-                if self.row_slot.size > 2**25:  # over 256 MB: half the bytes, a cast per step
+                # over 256 MB, or read by the compiled kernel: half the bytes (numpy then
+                # casts per step)
+                if self.row_slot.size > 2**25 or (self.nic_only and SLOT_COUNTER is not None):
                     self.row_slot = self.row_slot.astype(np.int32)
             if self.nic_only and self.row_slot is not None and SLOT_COUNTER is not None:
                 # load (or compile) the kernel now, with the real types: build time, not run time
                 nb = L * self.R + 1
                 SLOT_COUNTER(self.row_slot[:1].reshape(1, -1), np.zeros(1, np.intp),
-                             np.zeros(1, np.intp), nb, np.zeros(nb, np.int64))
+                             np.zeros(1, np.intp), nb, np.zeros(nb, np.int32))
         if routing.kind == "counts":
             phy = np.maximum(layout.phy2log, 0)
             per_slot = np.where(layout.phy2log >= 0, np.take_along_axis(routing.share, phy, 1), 0.0)
@@ -425,9 +427,10 @@ class Router:
             slot_rows = np.bincount(flat.ravel(), weights=w, minlength=W * nb).astype(np.int64)
             flat = None
         elif self.nic_only and self.row_slot is not None and SLOT_COUNTER is not None:
-            slot_rows = np.zeros(W * nb, dtype=np.int64)
+            counts = np.zeros(W * nb, dtype=np.int32)  # < 2**31: tokens x K per step
             SLOT_COUNTER(self.row_slot.reshape(len(self.row_slot), -1), key.astype(np.intp),
-                         step, nb, slot_rows)
+                         step, nb, counts)
+            slot_rows = counts.astype(np.int64)
             flat = None
         else:
             flat = self._slots_of(key)
