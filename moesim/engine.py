@@ -3,11 +3,16 @@
 Build -> run -> collect. ``build(scenario)`` resolves the scenario into a ``Simulation``
 (model, cluster, placement, routing source, scheduler, costs); ``Simulation.run()`` drives a
 SimPy environment with one process, the serving loop, that sleeps until the next arrival when
-idle and otherwise yields one timeout per forward step; ``Results`` collects the records.
+idle and otherwise yields one timeout per forward step (``simulation.fast_forward: false``)
+or per window of steps (the default); ``Results`` collects the records.
 
-One event per step, not per token or per layer: a step's batch is fixed when it starts (new
-arrivals join the next step), so its layer-by-layer schedule is a deterministic function of
-the batch. It is computed with numpy over all layers and GPUs at once:
+At most one event per step, not per token or per layer: a step's batch is fixed when it
+starts (new arrivals join the next step), so its layer-by-layer schedule is a deterministic
+function of the batch. It is computed with numpy over all layers and GPUs at once, and over
+all steps of a window at once when fast-forwarding: the scheduler runs ahead for the window
+with placeholder times, the window is costed in one call, then the times are filled in; a
+window that an arrival (or the time limit) cuts is rolled back to a snapshot and rerun to the
+cut (docs/simulator.md, "Speed"). Per step:
 
 - every attention group (``tp`` GPUs) runs attention, the router and the shared experts on its
   own tokens (data-parallel attention) — the GPU compute stream;
