@@ -227,8 +227,10 @@ class StepCosts:
         p = active.reshape(load.shape)
         cond = np.divide(load, p, out=np.zeros_like(load), where=p > 0)
         per = self.cm.expert_times(self.model, cond) * p
-        launch = -np.expm1(np.log1p(-np.minimum(p, 1.0 - 1e-15)).sum(-1))
-        return per.sum(-1) + launch * self.cm.device.kernel_overhead
+        # sums over a GPU's few slots: a matrix product is faster than a reduction
+        ones = np.ones(load.shape[-1])
+        launch = -np.expm1(np.log1p(-np.minimum(p, 1.0 - 1e-15)) @ ones)
+        return per @ ones + launch * self.cm.device.kernel_overhead
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,15 +599,22 @@ class Router:
             gpu_load = slot_load.astype(float)
         else:
             gpu_load = (slot_load.reshape(M * L * G, S).astype(float) @ np.ones(S)).reshape(M, L, G)
-        t_node = np.stack([np.bincount(self.node, weights=row)[self.node] for row in t])
-        tb, tn, T = t[:, None, :], t_node[:, None, :], total[:, None, None]
         own = self.gpu_share * K
-        out_paths = np.stack([tb * own, tb * (self.node_share * K - own),
-                              tb * K * (1 - self.node_share)], axis=-1)
-        in_paths = np.stack([tb * own, own * (tn - tb), own * (T - tn)], axis=-1)
-        res = self.comm.pair_comm_layers(self.dispatcher.name, self.cluster,
-                                         out_paths.reshape(M * L, G, 3),
-                                         in_paths.reshape(M * L, G, 3), *self.rows)
+        if self.nic_only:  # every pair through the NIC: a GPU sends K t, receives its share of all
+            send = np.broadcast_to((t * K)[:, None, :], (M, L, G)).reshape(M * L, G)
+            recv = (own[None] * total[:, None, None]).reshape(M * L, G)
+            d, c, sb, rb, which = self.comm.ll_comm_layers(self.cluster, send, recv, *self.rows)
+            names = np.array(self.comm.LL_TERMS)[which].tolist()
+            res = self.comm.LayersComm(d, c, sb, rb, names)
+        else:
+            t_node = np.stack([np.bincount(self.node, weights=row)[self.node] for row in t])
+            tb, tn, T = t[:, None, :], t_node[:, None, :], total[:, None, None]
+            out_paths = np.stack([tb * own, tb * (self.node_share * K - own),
+                                  tb * K * (1 - self.node_share)], axis=-1)
+            in_paths = np.stack([tb * own, own * (tn - tb), own * (T - tn)], axis=-1)
+            res = self.comm.pair_comm_layers(self.dispatcher.name, self.cluster,
+                                             out_paths.reshape(M * L, G, 3),
+                                             in_paths.reshape(M * L, G, 3), *self.rows)
         expert_t = None
         if costs is not None:
             expert_t = costs.experts(slot_load.reshape(M * L, R), G,
