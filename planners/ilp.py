@@ -82,9 +82,12 @@ def polish(problem: PlacementProblem, named_map: tuple[str, np.ndarray], layer: 
 
 
 def balance_caps(problem: PlacementProblem, objective: Objective, maps: dict[str, np.ndarray]):
-    """Per-layer cap on max GPU load: (1 + slack) x the best heuristic's, or None."""
+    """Per-layer cap on max GPU load: (1 + slack) x the best heuristic's (or x the objective's
+    ``balance_reference`` when it has one), or None."""
     if objective.balance_slack is None:
         return None
+    if objective.balance_reference is not None:
+        return np.asarray(objective.balance_reference, float) * (1 + objective.balance_slack)
     best = np.min([max_gpu_load(problem, phy) for phy in maps.values()], axis=0)
     return best * (1 + objective.balance_slack)
 

@@ -51,6 +51,10 @@ class Objective:
     # cap every layer's max GPU load at (1 + slack) x the best heuristic's (None: no cap)
     balance_slack: float | None = None
     max_pairs: int = DEFAULT_MAX_PAIRS
+    # per-layer max GPU loads (tokens) of a reference plan, e.g. EPLB as deployed (uniform replica
+    # choice) or hierarchical EPLB: with it the cap is (1 + slack) x these instead of the best
+    # heuristic's under the problem's own rule ("equal balance to that plan")
+    balance_reference: tuple[float, ...] | None = None
 
     def __post_init__(self):
         for name, w in self.weights.items():
@@ -64,6 +68,13 @@ class Objective:
             raise PlacementError("the objective needs at least one term with a positive weight")
         if self.balance_slack is not None and self.balance_slack < 0:
             raise PlacementError(f"balance slack must be >= 0, got {self.balance_slack}")
+        if self.balance_reference is not None:
+            ref = np.asarray(self.balance_reference, float)
+            if ref.ndim != 1 or not np.isfinite(ref).all() or (ref <= 0).any():
+                raise PlacementError("the balance reference must be one positive max GPU load per layer")
+            if self.balance_slack is None:
+                raise PlacementError("a balance reference needs a balance slack (the cap is (1 + slack) x it)")
+            self.balance_reference = tuple(float(x) for x in ref)
 
     @classmethod
     def parse(cls, text: str, balance_slack: float | None = None, max_pairs: int = DEFAULT_MAX_PAIRS) -> Objective:
@@ -81,12 +92,18 @@ class Objective:
         return cls(weights, balance_slack, max_pairs)
 
     def to_dict(self) -> dict:
-        return {"weights": dict(self.weights), "balance_slack": self.balance_slack, "max_pairs": self.max_pairs}
+        out = {"weights": dict(self.weights), "balance_slack": self.balance_slack, "max_pairs": self.max_pairs}
+        if self.balance_reference is not None:
+            out["balance_reference"] = list(self.balance_reference)
+        return out
 
     def needs_stats(self) -> bool:
         return any(self.weights.get(t, 0) > 0 for t in TRAFFIC_TERMS)
 
     def check(self, problem: PlacementProblem) -> None:
+        if self.balance_reference is not None and len(self.balance_reference) != problem.num_layers:
+            raise PlacementError(f"the balance reference has {len(self.balance_reference)} layers, "
+                                 f"the problem {problem.num_layers}")
         if self.needs_stats() and problem.stats is None:
             raise PlacementError(
                 "traffic objectives (cross_node, cross_gpu, hops) need token-level routing: plan from a routing trace"

@@ -201,6 +201,62 @@ def test_ilp_under_nearest_never_loses_and_cuts_traffic():
     assert m_ilp["cross_node_tokens"] < 0.9 * m_eplb["cross_node_tokens"]
 
 
+def test_reference_cap_against_eplb_as_deployed():
+    """The ILP planned under nearest selection, every layer capped at 1.01 x EPLB's max GPU load
+    under UNIFORM selection (EPLB as deployed): the cap holds layer by layer, so its max/mean is
+    within 1 % of EPLB-uniform's (total load is the same under both rules), and it never loses to
+    a heuristic that respects that cap on its own objective."""
+    from moesim.planners.ilp import balance_caps, heuristic_maps
+    from moesim.planners.objectives import max_gpu_load
+
+    trace, near = _toy_problem("nearest")
+    _, uni = _toy_problem("uniform")
+    eplb = make_plan(uni, Objective(), "eplb")
+    ref = max_gpu_load(uni, eplb.phy2log)
+    obj = Objective({"balance": 0.01, "cross_node": 1.0}, balance_slack=0.01, balance_reference=tuple(ref))
+    assert balance_caps(near, obj, heuristic_maps(near)) == pytest.approx(ref * 1.01)
+    ilp = make_plan(near, obj, "ilp", time_limit=20, subprocess=False)
+    assert (max_gpu_load(near, ilp.phy2log) <= ref * 1.01 * (1 + 1e-9)).all()
+    m_ilp, m_ref = evaluate(ilp, trace), evaluate(eplb, trace, selection="uniform")
+    assert m_ilp["max_mean_load"] <= m_ref["max_mean_load"] * 1.01 + 1e-9
+    assert m_ilp["cross_node_tokens"] < m_ref["cross_node_tokens"]
+    for name, phy in heuristic_maps(near).items():
+        if (max_gpu_load(near, phy) <= ref * 1.01 * (1 + 1e-9)).all():
+            assert plan_values(near, obj, ilp.phy2log).sum() <= plan_values(near, obj, phy).sum() + 1e-9, name
+    assert ilp.objective["balance_reference"] == pytest.approx(list(ref))
+
+
+def test_reference_cap_under_uniform_never_loses_to_the_reference():
+    """Under uniform selection with the greedy plan (no duplicates) as the reference, greedy is a
+    feasible warm start: the ILP's every layer stays under 1.01 x greedy's max load and scores no
+    worse than greedy on its own objective."""
+    from moesim.planners.objectives import max_gpu_load
+
+    trace, uni = _toy_problem("uniform")
+    greedy = make_plan(uni, Objective(), "greedy")
+    ref = max_gpu_load(uni, greedy.phy2log)
+    obj = Objective({"balance": 0.01, "cross_node": 1.0}, balance_slack=0.01, balance_reference=tuple(ref))
+    ilp = make_plan(uni, obj, "ilp", time_limit=10, subprocess=False)
+    assert (max_gpu_load(uni, ilp.phy2log) <= ref * 1.01 * (1 + 1e-9)).all()
+    assert plan_values(uni, obj, ilp.phy2log).sum() <= plan_values(uni, obj, greedy.phy2log).sum() + 1e-9
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"balance_slack": 0.01, "balance_reference": (1.0, -2.0)}, "one positive max GPU load per layer"),
+    ({"balance_slack": None, "balance_reference": (1.0,)}, "needs a balance slack"),
+])
+def test_reference_cap_bad_input_is_one_clear_error(kwargs, message):
+    with pytest.raises(PlacementError, match=message):
+        Objective({"cross_node": 1.0}, **kwargs)
+
+
+def test_reference_cap_must_have_one_load_per_layer():
+    _, uni = _toy_problem("uniform")
+    obj = Objective({"cross_node": 1.0}, balance_slack=0.01, balance_reference=(1.0, 2.0))
+    with pytest.raises(PlacementError, match="reference has 2 layers, the problem 1"):
+        make_plan(uni, obj, "ilp", time_limit=5, subprocess=False)
+
+
 # ----- CLI ----------------------------------------------------------------------------------------
 def test_cli_replica_selection_is_recorded_and_noted(tmp_path, capsys):
     trace, _ = _toy_problem("nearest")
