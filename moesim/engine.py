@@ -696,10 +696,13 @@ def layer_schedule(attn: np.ndarray, dispatch: np.ndarray, experts: np.ndarray,
 class Simulation:
     """A built scenario, ready to run once."""
 
-    # fast-forward windows: most steps run ahead and costed in one vectorised call, and a cap
-    # on the elements one window's token routing materialises (W x tokens x L x K)
+    # fast-forward windows: at most this many steps run ahead and costed in one vectorised
+    # call, and a cap on the elements a window's trace routing materialises (numpy: the
+    # gathered slot ids, W x tokens x L x K; compiled counter: slot counts and token arrays).
+    # Larger windows amortise more Python but fall out of cache: measured on the 2-core dev
+    # machine (sim_bench, 64 GPUs), 2**19 was best at batch 1 and 8, 2**21 13 % faster at 32-128
     WINDOW_STEPS = 256
-    WINDOW_ELEMENTS = 1 << 22
+    WINDOW_ELEMENTS = 1 << 19
 
     def __init__(self, scenario: Scenario, model: MoEModel, cluster, layout: Layout, routing,
                  workload, scheduler: Scheduler, costs: StepCosts, router: Router,
