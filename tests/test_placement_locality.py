@@ -279,3 +279,26 @@ def test_cli_replica_selection_is_recorded_and_noted(tmp_path, capsys):
                "--replica-selection", "closest", "--out", str(tmp_path / "p.json")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "replica selection" in err
+
+
+def test_cli_balance_reference_caps_at_eplb_as_deployed(tmp_path, capsys):
+    from moesim.planners.objectives import max_gpu_load
+
+    trace, near = _toy_problem("nearest", redundant=4)
+    _, uni = _toy_problem("uniform", redundant=4)
+    trace.write(tmp_path / "t.parquet")
+    out = tmp_path / "plan.json"
+    rc = main(["place", "--trace", str(tmp_path / "t.parquet"), "--gpus", "4", "--nodes", "2", "--redundant", "4",
+               "--objective", "balance=0.01,cross_node=1", "--balance-slack", "0.01", "--balance-reference", "eplb",
+               "--time-limit", "20", "--replica-selection", "nearest", "--out", str(out), "--json"])
+    assert rc == 0
+    capsys.readouterr()
+    plan = Plan.load(out)
+    ref = max_gpu_load(uni, make_plan(uni, Objective(), "eplb").phy2log)
+    assert plan.objective["balance_reference"] == pytest.approx(list(ref))
+    assert (max_gpu_load(near, plan.phy2log) <= ref * 1.01 * (1 + 1e-9)).all()
+    for args in (["--balance-reference", "eplb"], ["--balance-reference", "best", "--balance-slack", "0.01"]):
+        rc = main(["place", "--trace", str(tmp_path / "t.parquet"), "--gpus", "4", "--nodes", "2",
+                   "--objective", "balance=0.01,cross_node=1", *args, "--out", str(tmp_path / "p.json")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.count("\n") == 0 and "reference" in err, err

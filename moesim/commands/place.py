@@ -61,6 +61,10 @@ def place(
                                        "cross_gpu, hops, migration (e.g. 'balance=0.01,cross_node=1')."),
     balance_slack: float = typer.Option(None, "--balance-slack",
                                         help="Cap each layer's max GPU load at (1+slack) x the best heuristic's."),
+    balance_reference: str = typer.Option(
+        None, "--balance-reference",
+        help="With --balance-slack: cap at (1+slack) x this heuristic's per-layer max GPU load under UNIFORM "
+             "replica choice (e.g. eplb: EPLB as deployed) instead of the best heuristic's under the plan's rule."),
     solver: str = typer.Option("ilp", "--solver",
                                help="ilp, ilp-pyomo, moetuner, greedy, eplb, eplb-hierarchical, eplb-global, "
                                     "contiguous, round-robin, random."),
@@ -103,6 +107,8 @@ def place(
         stats=stats, source={"trace": str(trace)} if trace else {"loads": str(loads)},
         replica_selection=replica_selection,
     )
+    if balance_reference is not None:
+        obj = _with_reference(problem, obj, balance_reference, seed)
     plan = make_plan(problem, obj, solver, time_limit=time_limit, mip_gap=mip_gap, seed=seed)
     plan.save(out)
     payload = _figures(plan, t, load, prev, expert_bytes, hidden)
@@ -148,6 +154,26 @@ def evaluate_cmd(
     payload = _figures(plan, t, load, prev, expert_bytes, hidden, replica_selection)
     payload["plan"] = str(plan_path)
     emit(payload, as_json, _render)
+
+
+def _with_reference(problem, obj, name: str, seed: int):
+    """``obj`` with the per-layer max GPU loads of heuristic ``name``'s plan under uniform choice."""
+    import dataclasses
+
+    from moesim.planners.baselines import BASELINES
+    from moesim.planners.inputs import PlacementError
+    from moesim.planners.objectives import Objective, max_gpu_load
+    from moesim.planners.solve import make_plan
+
+    if obj.balance_slack is None:
+        raise PlacementError("--balance-reference needs --balance-slack (the cap is (1 + slack) x the reference's)")
+    if name not in BASELINES:
+        from moesim.errors import unknown_name
+
+        raise unknown_name("balance reference", name, BASELINES)
+    uniform = dataclasses.replace(problem, replica_selection="uniform")
+    ref = make_plan(uniform, Objective(), name, seed=seed)
+    return dataclasses.replace(obj, balance_reference=tuple(max_gpu_load(uniform, ref.phy2log)))
 
 
 def _model_facts(model: str | None) -> tuple[int, int | None]:
