@@ -1121,12 +1121,12 @@ class Simulation:
         ng = self.layout.num_groups
         g = s.group[ids]
         base = s.prompt[ids] + win["gen0"] - first  # context at step j: base + j
-        cover = np.zeros((n + 1) * ng, dtype=np.int64)
-        ctx = np.zeros((n + 1) * ng, dtype=np.int64)
-        np.add.at(cover, first * ng + g, 1)
-        np.add.at(cover, (last + 1) * ng + g, -1)
-        np.add.at(ctx, first * ng + g, base)
-        np.add.at(ctx, (last + 1) * ng + g, -base)
+        size = (n + 1) * ng
+        enter, leave = first * ng + g, (last + 1) * ng + g
+        cover = np.bincount(enter, minlength=size) - np.bincount(leave, minlength=size)
+        # weighted bincounts sum integers below 2**53 in floats: exact
+        ctx = (np.bincount(enter, weights=base, minlength=size)
+               - np.bincount(leave, weights=base, minlength=size)).astype(np.int64)
         n_dec = np.cumsum(cover.reshape(n + 1, ng)[:n], axis=0)
         kv = (np.cumsum(ctx.reshape(n + 1, ng)[:n], axis=0)
               + np.arange(n)[:, None] * n_dec).astype(float)  # integer sums: exact
@@ -1140,7 +1140,8 @@ class Simulation:
             req = np.repeat(ids, length)
             step = np.repeat(first - np.cumsum(length) + length, length) + np.arange(len(req))
             pos = np.repeat(base - 1, length) + step
-            order = np.argsort(step, kind="stable")  # step-major: the counts stay in cache
+            # step-major, so the counts stay in cache (steps < 2**15: a radix sort)
+            order = np.argsort(step.astype(np.int16), kind="stable")
             req, step, pos = req[order], step[order], pos[order]
             inp.update(req=req, src=s.group[req], step=step, pos=pos)
         else:
@@ -1160,10 +1161,13 @@ class Simulation:
                 tokens = s.num_groups * max(s.max_tokens, s.max_running)
             r = self.router
             if r.nic_only and r.row_slot is not None and SLOT_COUNTER is not None:
-                per_step = 2 * r.L * r.R + 4 * tokens  # slot counts and token arrays
+                # slot counts and token arrays; at least 8 steps, to amortise the per-window
+                # work (the scheduler's window grows with the requests: ~10 ms at 32,768)
+                per_step = 2 * r.L * r.R + 4 * tokens
+                W = min(W, max(8, self.WINDOW_ELEMENTS // per_step))
             else:
                 per_step = max(tokens, 1) * m.moe_layers * m.top_k  # the gathered slot ids
-            W = min(W, max(1, self.WINDOW_ELEMENTS // per_step))
+                W = min(W, max(1, self.WINDOW_ELEMENTS // per_step))
         return W
 
     def _serve_windows(self, env, progress):
