@@ -293,28 +293,14 @@ class Driver:
     def experts(self, layer: HFLayer, h, top_k_index, top_k_weights):
         import torch
 
-        from moesim.executor.runner import _experts, _row_info, _sync
+        from moesim.executor.runner import _experts, _sync, batch_lookup
 
         if h.shape[0] != 1:
             raise ExecutorError("the executor runs one token per forward pass")
-        t, li, b, K = self.t, layer.index, self.b, self.hf.spec.top_k
-        st, info = self.stream, self.info
-        if st is not None:
-            lo, hi = int(st.batch_ptr[b]), int(st.batch_ptr[b + 1])
-            keys = st.keys[lo:hi].tolist()
-            ids_row = self.arrays["experts"][t, li].astype(np.int64)
-            w_row = self.arrays["weights"][t, li]
-            info.weight = st.weight[lo:hi].tolist()
-            info.unimportance = st.unimportance[lo:hi].tolist()
-            info.count = st.count[lo:hi].tolist()
-            info.first, info.request = lo, int(st.batch_request[b])
-            info.phase = int(st.batch_phase[b])
-        else:
-            ids_row = top_k_index[0].numpy().astype(np.int64)
-            w_row = top_k_weights[0].float().numpy()
-            keys, info.weight, info.unimportance = _row_info(self.hf.spec, li, ids_row, w_row, t)
-            info.count, info.first, info.phase = [1] * K, b * K, 0
-        info.layer, info.clock = li, t
+        t, li, b, info = self.t, layer.index, self.b, self.info
+        keys, ids_row, w_row = batch_lookup(self.hf.spec, self.stream, self.arrays, info, b, t,
+                                            li, top_k_index[0].numpy(),
+                                            top_k_weights[0].float().numpy())
         pre = [self.policy.resident.get(k) == 1 for k in keys]
         hits = self.policy.lookup(keys, b, info, per_access=True)
         _sync(self.policy, self.ram, self.loading, self.store)
@@ -335,13 +321,7 @@ def run_hf(hf: HFModel, store: ExpertStore, settings, *, trace=None, tokens: int
     import torch
 
     from moesim.executor.io import IOPool
-    from moesim.executor.runner import (
-        _empty_record,
-        _policy,
-        _transfer_row,
-        forced_stream,
-        header_bytes,
-    )
+    from moesim.executor.runner import _empty_record, _policy, finish_record, forced_stream
 
     if settings.device != "cpu":
         raise ExecutorError("Hugging Face models run on the CPU executor (--device cpu)")
@@ -401,15 +381,7 @@ def run_hf(hf: HFModel, store: ExpertStore, settings, *, trace=None, tokens: int
             layer.block.experts = orig
     width = min(spec.hidden, logits.shape[1])
     rec.outputs[:, :width] = logits[:, :width].numpy()  # the run's own output, for checks
-    rec.transfers = [_transfer_row(tr) for tr in pool.log]
-    rec.stats = policy.stats.to_dict()
-    rec.cold_mode = store.mode
-    if store.limiter is not None:
-        rec.stats["emulated_read"] = {"gbps": store.limiter.bytes_per_s / 1e9,
-                                      "reads": store.limiter.reads,
-                                      "reads_slower_than_emulated": store.limiter.slow_reads}
-    rec.file_header_bytes = header_bytes(store, 0)
-    return rec
+    return finish_record(rec, pool, policy, store, 0)
 
 
 def capture_hf(model, settings, store_root, *, trace=None, tokens: int | None = None,

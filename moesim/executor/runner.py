@@ -145,7 +145,7 @@ def run(spec: StackSpec, store: ExpertStore, settings: RunSettings, *, trace=Non
     else:
         if not tokens or tokens < 1:
             raise ExecutorError("give the number of tokens to run with the router's own routing")
-        T = int(tokens)
+        T, arrays = int(tokens), None
         all_keys = np.arange(spec.layers * spec.num_experts)
     policy, prefetcher = _policy(spec, settings, stream)
     ensure_store(spec, store, all_keys)
@@ -180,20 +180,8 @@ def run(spec: StackSpec, store: ExpertStore, settings: RunSettings, *, trace=Non
                                 _issue(pool, loading, k, 1)
                                 rec.prefetch_bytes[t, layer] += spec.expert_payload_bytes()
                     h, ids, w, out = dense[layer].forward(x)
-                    if stream is not None:
-                        ids_row = arrays["experts"][t, layer].astype(np.int64)
-                        w_row = arrays["weights"][t, layer]
-                        info.weight = stream.weight[lo:hi].tolist()
-                        info.unimportance = stream.unimportance[lo:hi].tolist()
-                        info.count = stream.count[lo:hi].tolist()
-                        info.first, info.request = lo, int(stream.batch_request[b])
-                        info.phase = int(stream.batch_phase[b])
-                    else:
-                        ids_row, w_row = ids[0].numpy().astype(np.int64), w[0].numpy()
-                        keys, info.weight, info.unimportance = _row_info(spec, layer, ids_row,
-                                                                         w_row, t)
-                        info.count, info.first, info.phase = [1] * K, b * K, 0
-                    info.layer, info.clock = layer, t
+                    keys, ids_row, w_row = batch_lookup(spec, stream, arrays, info, b, t, layer,
+                                                        ids[0].numpy(), w[0].numpy())
                     t1 = clock()
                     pre = [policy.resident.get(k) == 1 for k in keys]
                     hits = policy.lookup(keys, b, info, per_access=True)
@@ -214,6 +202,34 @@ def run(spec: StackSpec, store: ExpertStore, settings: RunSettings, *, trace=Non
                 rec.outputs[t] = x[0].float().numpy()
     finally:
         pool.close()
+    return finish_record(rec, pool, policy, store, int(all_keys[0]) if len(all_keys) else None)
+
+
+def batch_lookup(spec, stream, arrays, info, b: int, t: int, layer: int, own_ids, own_w):
+    """Keys, expert ids and gate weights of batch ``b`` (token ``t``, ``layer``), with ``info``
+    filled as the replay fills it: from the forced routing, or from the router's ``own_ids``,
+    ``own_w`` when the routing is the model's own."""
+    if stream is not None:
+        lo, hi = int(stream.batch_ptr[b]), int(stream.batch_ptr[b + 1])
+        keys = stream.keys[lo:hi].tolist()
+        ids_row = arrays["experts"][t, layer].astype(np.int64)
+        w_row = arrays["weights"][t, layer]
+        info.weight = stream.weight[lo:hi].tolist()
+        info.unimportance = stream.unimportance[lo:hi].tolist()
+        info.count = stream.count[lo:hi].tolist()
+        info.first, info.request = lo, int(stream.batch_request[b])
+        info.phase = int(stream.batch_phase[b])
+    else:
+        ids_row, w_row = np.asarray(own_ids).astype(np.int64), np.asarray(own_w)
+        keys, info.weight, info.unimportance = _row_info(spec, layer, ids_row, w_row, t)
+        info.count, info.first, info.phase = [1] * spec.top_k, b * spec.top_k, 0
+    info.layer, info.clock = layer, t
+    return keys, ids_row, w_row
+
+
+def finish_record(rec: RunRecord, pool, policy, store: ExpertStore, first_key) -> RunRecord:
+    """What the run leaves besides its per-token arrays: transfers, policy counters, the cold
+    read mode, the emulated device's counters and the store files' header size."""
     rec.transfers = [_transfer_row(tr) for tr in pool.log]
     rec.stats = policy.stats.to_dict()
     rec.cold_mode = store.mode
@@ -221,7 +237,7 @@ def run(spec: StackSpec, store: ExpertStore, settings: RunSettings, *, trace=Non
         rec.stats["emulated_read"] = {"gbps": store.limiter.bytes_per_s / 1e9,
                                       "reads": store.limiter.reads,
                                       "reads_slower_than_emulated": store.limiter.slow_reads}
-    rec.file_header_bytes = header_bytes(store, int(all_keys[0])) if len(all_keys) else 0
+    rec.file_header_bytes = header_bytes(store, first_key) if first_key is not None else 0
     return rec
 
 
