@@ -10,13 +10,18 @@
    law plans evaluated on the other three tasks (domain shift). Then the same traffic objective
    with 16 redundant replicas and nearest replica selection (SGLang "static": a token uses a
    replica on its own node when there is one), EPLB and every baseline evaluated under the same
-   rule and redundancy.
+   rule and redundancy. Then against EPLB as deployed (uniform choice, same 16 redundant): the
+   ILP under nearest with every layer's max GPU load capped at 1.01 x EPLB-uniform's.
 2. DeepSeek-V3 scale: a synthetic trace from moesim.traces.synth (deepseek-v3 preset: 58 MoE
    layers x 256 experts, top-8, 8 groups with 4 chosen per token; 4096 tokens, seed 0) onto
    64 GPUs in 8 nodes with 32 redundant replicas: a check that every token's experts lie in at
    most 4 groups, the ILP on balance, whole, under a 120 s hard limit (the per-layer gap must be
    <= 1 %), and the ILP on cross-node traffic at equal balance, under uniform selection and
-   under nearest selection (same 32 redundant replicas).
+   under nearest selection (same 32 redundant replicas); against EPLB global as deployed
+   (uniform, the ILP under nearest capped at 1.01 x its per-layer max loads); against
+   hierarchical EPLB (the ILP capped at 1.01 x its per-layer max loads, under uniform and under
+   nearest); and how much structure the trace has beyond group-limited routing
+   (``dsv3_structure``).
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ def traffic_verdict(rows, reference="eplb", plan=None):
     return out
 
 
-def esft_section(gpus, nodes, time_limit, traffic_time_limit):
+def esft_section(gpus, nodes, time_limit, traffic_time_limit, reference_time_limit):
     from moesim.planners.evaluate import evaluate
     from moesim.planners.inputs import Cluster, problem_from_trace
     from moesim.planners.objectives import Objective
@@ -151,9 +156,10 @@ def esft_section(gpus, nodes, time_limit, traffic_time_limit):
               f"ilp(traffic) {s['ilp']['max_mean_load']:.4f}; cross-node eplb {s['eplb']['cross_node_tokens']}, "
               f"ilp {s['ilp']['cross_node_tokens']} ({-s['ilp_cross_node_cut_vs_eplb']:+.1%})")
     near = nearest_section(trace, Cluster(gpus, nodes), 16, {}, traffic_time_limit, label)
+    deployed = reference_section(trace, Cluster(gpus, nodes), 16, {}, reference_time_limit, label)
     return {"gpus": gpus, "nodes": nodes, "balance": {"rows": bal_rows, **bal_verdict},
             "cross_node": {"rows": tr_rows, **tr_verdict}, "domain_shift": shift,
-            "cross_node_nearest": near}
+            "cross_node_nearest": near, "vs_eplb_deployed": deployed}
 
 
 def nearest_section(trace, cluster, redundant, constraints, time_limit, label, shift_tasks=("intent", "summary", "translation")):
@@ -189,7 +195,51 @@ def nearest_section(trace, cluster, redundant, constraints, time_limit, label, s
     return {"redundant": redundant, "replica_selection": "nearest", "rows": rows, **verdict, "domain_shift": shift}
 
 
-def dsv3_section(tokens, time_limit, traffic_time_limit):
+def reference_section(trace, cluster, redundant, constraints, time_limit, label, reference="eplb",
+                      selection="nearest", problems=None):
+    """The ILP against a reference plan AS DEPLOYED (uniform replica choice, the same redundancy):
+    every layer's max GPU load capped at 1.01 x the reference's (each plan under its own rule),
+    the ILP planned under ``selection``. Both plans' max/mean and cross-node tokens."""
+    from moesim.planners.evaluate import evaluate
+    from moesim.planners.inputs import problem_from_trace
+    from moesim.planners.objectives import Objective, max_gpu_load
+    from moesim.planners.solve import make_plan
+
+    kw = {"num_replicas": trace.meta.num_experts + redundant, **constraints}
+    problems = {} if problems is None else problems  # by selection rule, built once per setting
+    for sel in {"uniform", selection}:
+        if sel not in problems:
+            problems[sel] = problem_from_trace(trace, cluster, replica_selection=sel, **kw)
+    uni = problems["uniform"]
+    ref_plan = make_plan(uni, Objective(), reference)
+    ref_load = max_gpu_load(uni, ref_plan.phy2log)
+    ref = evaluate(ref_plan, trace=trace, load=uni.load, selection="uniform")
+    problem = problems[selection]
+    traffic = Objective({"balance": 0.01, "cross_node": 1.0}, balance_slack=0.01,
+                        balance_reference=tuple(ref_load))
+    plan = make_plan(problem, traffic, "ilp", time_limit=time_limit, mip_gap=1e-3)
+    ilp = evaluate(plan, trace=trace, load=problem.load)
+    ilp_load = max_gpu_load(problem, plan.phy2log)
+    over = int((ilp_load > ref_load * 1.01 * (1 + 1e-9)).sum())
+    cut = 1 - ilp["cross_node_tokens"] / ref["cross_node_tokens"]
+    worse = ilp["max_mean_load"] / ref["max_mean_load"] - 1
+    out = {"reference": reference, "reference_selection": "uniform", "ilp_selection": selection,
+           "redundant": redundant, "reference_row": row(reference, ref_plan, ref), "ilp_row": row("ilp", plan, ilp),
+           "layers_over_cap": over, "cross_node_cut": round(cut, 4), "balance_vs_reference": round(worse, 4),
+           "equal_balance": worse <= 0.01, "cut_at_least_20pct": cut >= 0.20,
+           "warm_starts": next((n for n in plan.notes if n.startswith("warm starts")), None)}
+    print(f"\n[{label}, +{redundant} redundant: ILP ({selection}) capped per layer at 1.01 x {reference} as deployed "
+          f"(uniform)]\n  {reference} (uniform): max/mean {ref['max_mean_load']:.4f}, cross-node "
+          f"{round(ref['cross_node_tokens']):,}, nodes/token {ref['dest_nodes_per_token']:.3f}, duplicates "
+          f"{ref['same_gpu_duplicates']}\n  ILP ({selection}): max/mean {ilp['max_mean_load']:.4f}, cross-node "
+          f"{round(ilp['cross_node_tokens']):,}, nodes/token {ilp['dest_nodes_per_token']:.3f}, duplicates "
+          f"{ilp['same_gpu_duplicates']}, layers over the cap {over}, {plan.solve_s:.0f} s; {out['warm_starts']}\n"
+          f"  cross-node {-cut:+.1%} at max/mean {worse:+.2%} ({'equal balance' if out['equal_balance'] else 'NOT equal balance'}; "
+          f"{'>= 20 %' if out['cut_at_least_20pct'] else 'below the 20 % target'})")
+    return out
+
+
+def dsv3_section(tokens, time_limit, traffic_time_limit, reference_time_limit):
     from moesim.model import get_model
     from moesim.planners.inputs import Cluster, problem_from_trace
     from moesim.planners.objectives import Objective
@@ -217,8 +267,123 @@ def dsv3_section(tokens, time_limit, traffic_time_limit):
     tr_verdict["vs_eplb_global"] = traffic_verdict(tr_rows, "eplb-global", tr_plans["ilp"])
     near = nearest_section(trace, Cluster(64, 8), 32, {"num_groups": 8}, traffic_time_limit,
                            label.replace(", +32 redundant", ""))
+    short = "DeepSeek-V3 scale"
+    problems = {"uniform": problem}
+    # EPLB as deployed: the balanced (global) plan under uniform choice, the ILP under nearest
+    deployed = reference_section(trace, Cluster(64, 8), 32, {"num_groups": 8}, reference_time_limit, short,
+                                 "eplb-global", "nearest", problems)
+    # the issue's "EPLB-style plan" for a model with groups: hierarchical EPLB (groups on nodes),
+    # the ILP allowed its per-layer max loads (+1 %), group-aligned warm starts (hierarchical EPLB
+    # with duplicates swapped away, and whole groups on nodes in the node-first search)
+    hier = {sel: reference_section(trace, Cluster(64, 8), 32, {"num_groups": 8}, reference_time_limit, short,
+                                   "eplb", sel, problems) for sel in ("uniform", "nearest")}
+    structure = dsv3_structure(trace)
     return {"tokens": tokens, "group_limited": groups, "balance": {"rows": bal_rows, **bal_verdict},
-            "cross_node": {"rows": tr_rows, **tr_verdict}, "cross_node_nearest": near}
+            "cross_node": {"rows": tr_rows, **tr_verdict}, "cross_node_nearest": near,
+            "vs_eplb_global_deployed": deployed, "vs_eplb_hierarchical": hier, "structure": structure}
+
+
+def dsv3_structure(trace, num_groups=8, num_nodes=8, spare_per_node=4, search_layers=(0, 29, 57), search_s=5.0):
+    """How much the synthetic DeepSeek-V3 routing offers a node placement beyond group-limited
+    routing (one group per node, as hierarchical EPLB places them):
+    - pair co-activation against independence: P(e and f) summed over same-group pairs against
+      P(e) P(f) and against P(e) P(f) / P(group chosen) (independent once the group is chosen);
+      likewise over pairs in different groups;
+    - group-aligned plans: every one reaches exactly the mean distinct groups per token, so with
+      one node per expert its cross-node tokens are hierarchical EPLB's, whatever group goes where;
+    - with ``spare_per_node`` redundant slots per node and nearest selection, group-aligned plus
+      (a) the same 4 experts on every node (greedy, exact gains) and (b) each node its own best 4
+      extra replicas (greedy per node: a token from node h needs group g unless all its experts
+      of g are on h; slots are per node, so the nodes are independent): the cross-node ceiling of
+      group-aligned plans under nearest, without any balance cap;
+    - the node partition search (one node per expert, 32 experts per node, no load cap) started
+      from the groups on a few layers, without a load cap and with the node loads capped at 1.01 x
+      the group-aligned plan's largest (hierarchical EPLB's node balance)."""
+    from moesim.planners.partition import Limits, NodeSearch, improve, token_sets
+
+    experts = trace.to_arrays()["experts"]  # [T, L, K]
+    T, L, K = experts.shape
+    E = trace.meta.num_experts
+    M, N = E // num_groups, num_nodes
+    grp = np.arange(E) // M
+    same = (grp[:, None] == grp[None, :]) & ~np.eye(E, dtype=bool)
+    w_obs = w_ind = w_cond = c_obs = c_ind = 0.0
+    base = every = per_node = 0.0
+    rows = np.arange(T)[:, None]
+    for lay in range(L):
+        x = experts[:, lay, :]
+        g = x // M
+        A = np.zeros((T, E), np.float32)
+        A[rows, x] = 1
+        p = A.mean(axis=0).astype(float)
+        C = (A.T @ A).astype(float) / T
+        chosen = np.zeros((T, num_groups), bool)
+        chosen[rows, g] = True
+        pg = chosen.mean(axis=0)
+        ind = np.outer(p, p)
+        w_obs += C[same].sum()
+        w_ind += ind[same].sum()
+        w_cond += (ind / np.maximum(pg[grp], 1e-300)[:, None])[same].sum()
+        c_obs += C[grp[:, None] != grp[None, :]].sum()
+        c_ind += ind[grp[:, None] != grp[None, :]].sum()
+        base += chosen.sum() * (N - 1) / N  # group-aligned cross-node tokens (sources even over nodes)
+
+        def remaining(on, x=x, g=g):  # [T, groups]: a token's experts of each group not on the node(s)
+            rem = np.zeros((T, num_groups), np.int64)
+            np.add.at(rem, (rows, g), (~on[x]).astype(np.int64))
+            return rem
+
+        on = np.zeros(E, bool)  # (a) the same experts on every node
+        for _ in range(spare_per_node):
+            gain = (A * (remaining(on) == 1)[:, grp]).sum(axis=0)
+            gain[on] = -1
+            on[int(np.argmax(gain))] = True
+        every += (remaining(on) > 0).sum() * (N - 1) / N
+        for h in range(N):  # (b) each node its own extra replicas
+            on = np.zeros(E, bool)
+            for _ in range(spare_per_node):
+                gain = (A * (remaining(on) == 1)[:, grp]).sum(axis=0)
+                gain[on | (grp == h)] = -1
+                on[int(np.argmax(gain))] = True
+            need = remaining(on) > 0
+            need[:, h] = False
+            per_node += need.sum() / N
+    searched = {}
+    for lay in search_layers:
+        if lay >= L:
+            continue
+        sets, weight = token_sets(experts[:, lay, :])
+        load = np.bincount(experts[:, lay, :].ravel(), minlength=E).astype(float)
+        group_max = np.bincount(grp, weights=load, minlength=N).max()
+        r = {"groups": round(NodeSearch(sets, weight, E, N, grp).value() / weight.sum(), 4),
+             "groups_node_max_mean": round(float(group_max / (load.sum() / N)), 4)}
+        for name, cap in (("no_cap", 1e12), ("groups_node_max", group_max * 1.01)):
+            search = NodeSearch(sets, weight, E, N, grp)
+            improve(search, Limits(load, np.ones(E), N, cap, E // N), time.perf_counter() + search_s)
+            node_load = np.bincount(search.node, weights=load, minlength=N)
+            r[name] = round(search.value() / weight.sum(), 4)
+            r[name + "_node_max_mean"] = round(float(node_load.max() / node_load.mean()), 4)
+        searched[int(lay)] = r
+    out = {"spare_per_node": spare_per_node, "within_group_pairs_vs_independent": round(w_obs / w_ind, 4),
+           "within_group_pairs_vs_independent_given_group": round(w_obs / w_cond, 4),
+           "cross_group_pairs_vs_independent": round(c_obs / c_ind, 4),
+           "group_aligned_cross_node_tokens": round(base),
+           "group_aligned_4_everywhere_cross_node_tokens": round(every),
+           "group_aligned_4_everywhere_cut": round(1 - every / base, 4),
+           "group_aligned_best_4_per_node_cross_node_tokens": round(per_node),
+           "group_aligned_best_4_per_node_cut": round(1 - per_node / base, 4),
+           "unbalanced_search_nodes_per_token": searched}
+    print(f"\nDSV3 structure: same-group pairs co-activate {out['within_group_pairs_vs_independent']:.3f}x "
+          f"independence ({out['within_group_pairs_vs_independent_given_group']:.3f}x independence given the group "
+          f"is chosen); cross-group pairs {out['cross_group_pairs_vs_independent']:.3f}x\n"
+          f"  group-aligned plans: {out['group_aligned_cross_node_tokens']:,} cross-node tokens (any group -> node "
+          f"map); + the same {spare_per_node} experts on every node (nearest): "
+          f"{out['group_aligned_4_everywhere_cross_node_tokens']:,} ({out['group_aligned_4_everywhere_cut']:.1%}); "
+          f"+ each node's best {spare_per_node} extra replicas: "
+          f"{out['group_aligned_best_4_per_node_cross_node_tokens']:,} ({out['group_aligned_best_4_per_node_cut']:.1%})"
+          f"\n  one node per expert, 32 per node, search from the groups ({search_s:.0f} s a layer), nodes/token "
+          f"(no load cap / node loads <= 1.01 x the groups' largest): {searched}")
+    return out
 
 
 def group_check(trace, num_groups):
@@ -244,14 +409,14 @@ def main(argv=None):
                           "cpus": __import__("os").cpu_count()}}
     t0 = time.perf_counter()
     if DATA.is_dir():
-        result["esft"] = [esft_section(8, 2, 30 if args.quick else 40, 30 if args.quick else 60)]
+        result["esft"] = [esft_section(8, 2, 30 if args.quick else 40, 30 if args.quick else 60, 40)]
         if not args.quick:
-            result["esft"].append(esft_section(16, 2, 40, 60))
-            result["esft"].append(esft_section(16, 4, 40, 60))
+            result["esft"].append(esft_section(16, 2, 40, 60, 40))
+            result["esft"].append(esft_section(16, 4, 40, 60, 40))
     else:
         print(f"ESFT traces not found in {DATA}: skipping that part")
     if not args.quick:
-        result["dsv3"] = dsv3_section(4096, 120, 90)
+        result["dsv3"] = dsv3_section(4096, 120, 60, 60)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     from moesim.fileio import write_json_atomic, write_text_atomic
 
@@ -287,7 +452,49 @@ def summary_md(result) -> str:
             add("DeepSeek-V3 synthetic, 64 GPUs / 8 nodes", "uniform, 32", d["cross_node"]["rows"], ref)
             add("DeepSeek-V3 synthetic, 64 GPUs / 8 nodes", "nearest, 32", d["cross_node_nearest"]["rows"], ref)
     lines += ["", "eplb at DeepSeek-V3 scale is the hierarchical policy (8 groups on 8 nodes; 86 same-GPU "
-              "duplicates, so not a feasible plan for the ILP's problem); eplb-global is the balanced one.", ""]
+              "duplicates, so not a feasible plan for the ILP's problem); eplb-global is the balanced one.", "",
+              "## Against EPLB as deployed (uniform replica choice, same redundancy)", "",
+              "The ILP planned under the selection rule shown, every layer's max GPU load capped at 1.01 x the "
+              "reference plan's under uniform choice; each plan's max/mean under its own rule.", "",
+              "| setting | reference (uniform) | ILP selection, redundant | ref max/mean | ILP max/mean | "
+              "layers over cap | ref cross-node | ILP cross-node | cut | >= 20 % at equal balance |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def add_ref(name, d):
+        r, i = d["reference_row"], d["ilp_row"]
+        ok = d["cut_at_least_20pct"] and d["equal_balance"]
+        lines.append(f"| {name} | {d['reference']} | {d['ilp_selection']}, {d['redundant']} | "
+                     f"{r['max_mean_load']:.4f} | {i['max_mean_load']:.4f}{'' if d['equal_balance'] else ' (not equal balance)'} | "
+                     f"{d['layers_over_cap']} | {r['cross_node_tokens']:,} | {i['cross_node_tokens']:,} | "
+                     f"{d['cross_node_cut']:.1%} | {'yes' if ok else 'no'} |")
+
+    for sec in result.get("esft", []):
+        if "vs_eplb_deployed" in sec:
+            add_ref(f"ESFT law, {sec['gpus']} GPUs / {sec['nodes']} nodes", sec["vs_eplb_deployed"])
+    if "dsv3" in result and "vs_eplb_global_deployed" in result["dsv3"]:
+        d = result["dsv3"]
+        name = "DeepSeek-V3 synthetic, 64 GPUs / 8 nodes"
+        add_ref(name, d["vs_eplb_global_deployed"])
+        for sel in ("uniform", "nearest"):
+            add_ref(name, d["vs_eplb_hierarchical"][sel])
+        st = d["structure"]
+        lines += ["", "eplb here is hierarchical EPLB (groups on nodes): the ILP may be as unbalanced as it "
+                  "(+1 %), with group-aligned warm starts and no same-GPU duplicates.", "",
+                  "## DeepSeek-V3 synthetic trace: structure beyond group-limited routing", "",
+                  f"- same-group expert pairs co-activate {st['within_group_pairs_vs_independent']:.3f}x "
+                  f"independence, {st['within_group_pairs_vs_independent_given_group']:.3f}x independence given the "
+                  f"group is chosen; pairs in different groups {st['cross_group_pairs_vs_independent']:.3f}x",
+                  f"- every group-aligned plan (one group per node): {st['group_aligned_cross_node_tokens']:,} "
+                  "cross-node tokens, hierarchical EPLB's",
+                  f"- group-aligned + 4 redundant slots per node under nearest selection, no balance cap: the same 4 "
+                  f"experts on every node {st['group_aligned_4_everywhere_cross_node_tokens']:,} "
+                  f"({st['group_aligned_4_everywhere_cut']:.1%}); each node its own best 4 "
+                  f"{st['group_aligned_best_4_per_node_cross_node_tokens']:,} ({st['group_aligned_best_4_per_node_cut']:.1%})",
+                  "- one node per expert, node search from the groups, nodes per token (node max/mean): " + "; ".join(
+                      f"layer {lay}: groups {v['groups']} ({v['groups_node_max_mean']}), no load cap {v['no_cap']} "
+                      f"({v['no_cap_node_max_mean']}), node loads <= 1.01 x the groups' largest {v['groups_node_max']} "
+                      f"({v['groups_node_max_node_max_mean']})" for lay, v in st["unbalanced_search_nodes_per_token"].items()),
+                  ""]
     return "\n".join(lines)
 
 
