@@ -31,6 +31,7 @@ attention B), max(experts A, dispatch B), max(combine A, experts B).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -69,6 +70,31 @@ def _slot_counter():
 
 
 SLOT_COUNTER = _slot_counter()
+PARALLEL_MIN_TOKENS = 4096  # below this, one thread (thread hand-off costs more than it saves)
+_POOL = None
+
+
+def count_slots(row_slot, key, step, nb, out) -> None:
+    """``SLOT_COUNTER`` over ``key``, split across the machine's cores: the compiled kernel
+    releases the GIL, so each thread counts a slice of the tokens into its own array and the
+    arrays are summed (exact: integer counts, any token order)."""
+    global _POOL
+    parts = min(os.cpu_count() or 1, 4)
+    if parts < 2 or len(key) < PARALLEL_MIN_TOKENS:
+        SLOT_COUNTER(row_slot, key, step, nb, out)
+        return
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="moesim-count")
+    cut = np.linspace(0, len(key), parts + 1).astype(np.intp)
+    extra = [np.zeros_like(out) for _ in range(parts - 1)]
+    jobs = [_POOL.submit(SLOT_COUNTER, row_slot, key[cut[i + 1]:cut[i + 2]],
+                         step[cut[i + 1]:cut[i + 2]], nb, extra[i]) for i in range(parts - 1)]
+    SLOT_COUNTER(row_slot, key[:cut[1]], step[:cut[1]], nb, out)
+    for job, part in zip(jobs, extra, strict=True):
+        job.result()
+        out += part
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,8 +461,8 @@ class Router:
             flat = None
         elif self.nic_only and self.row_slot is not None and SLOT_COUNTER is not None:
             counts = np.zeros(W * nb, dtype=np.int32)  # < 2**31: tokens x K per step
-            SLOT_COUNTER(self.row_slot.reshape(len(self.row_slot), -1), key.astype(np.intp),
-                         step, nb, counts)
+            count_slots(self.row_slot.reshape(len(self.row_slot), -1), key.astype(np.intp),
+                        step, nb, counts)
             slot_rows = counts.astype(np.int64)
             flat = None
         else:

@@ -210,3 +210,25 @@ def test_compiled_slot_counter_equals_numpy(monkeypatch):
     for key in ("slot_rows", "gpu_load", "dispatch_s", "combine_s", "sent_bytes", "recv_bytes",
                 "bottleneck"):
         assert np.array_equal(compiled[key], plain[key]), key
+
+
+def test_parallel_slot_count_equals_one_thread(monkeypatch):
+    """Counting split across threads (each slice into its own array, then summed) equals one
+    pass; also with more tokens than slices and unsorted steps."""
+    from moesim import engine
+
+    if engine.SLOT_COUNTER is None:
+        pytest.skip("numba is not installed (the numpy path is the one in use)")
+    rng = np.random.default_rng(4)
+    nb = 97
+    row_slot = rng.integers(0, nb, (300, 12)).astype(np.int32)
+    key = rng.integers(0, 300, 20_000).astype(np.intp)
+    step = rng.integers(0, 6, len(key)).astype(np.intp)
+    one = np.zeros(6 * nb, np.int32)
+    engine.SLOT_COUNTER(row_slot, key, step, nb, one)
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 4)
+    split = np.zeros(6 * nb, np.int32)
+    engine.count_slots(row_slot, key, step, nb, split)
+    assert np.array_equal(one, split) and split.sum() == len(key) * 12
+    expect = np.bincount((row_slot[key] + (step * nb)[:, None]).ravel(), minlength=6 * nb)
+    assert np.array_equal(split, expect)
