@@ -370,6 +370,7 @@ class Router:
             self.gpu_share = self.slot_share.reshape(L, self.G, self.S).sum(-1)
             self.node_share = self.gpu_share.reshape(L, -1, self.gpn).sum(-1)[:, self.node]
         self._cache: dict = {}
+        self._expert_memo: dict = {}  # total tokens of an expected step -> [L, G] expert times
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -642,9 +643,16 @@ class Router:
                                              out_paths.reshape(M * L, G, 3),
                                              in_paths.reshape(M * L, G, 3), *self.rows)
         expert_t = None
-        if costs is not None:
-            expert_t = costs.experts(slot_load.reshape(M * L, R), G,
-                                     active.reshape(M * L, R)).reshape(M, L, G)
+        if costs is not None:  # a function of the step's total tokens only: memoised on it
+            memo = self._expert_memo
+            new = [i for i, x in enumerate(total.tolist()) if x not in memo]
+            if new:
+                times = costs.experts(slot_load[new].reshape(len(new) * L, R), G,
+                                      active[new].reshape(len(new) * L, R)).reshape(-1, L, G)
+                if len(memo) > 4096:
+                    memo.clear()
+                memo.update(zip(total[new].tolist(), times, strict=True))
+            expert_t = [memo[x] for x in total.tolist()]
         for i, (u, ti) in enumerate(miss):
             part = slice(i * L, (i + 1) * L)
             r = StepRouting(slot_load[i], res.dispatch_s[part], res.combine_s[part],
