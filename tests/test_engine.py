@@ -17,6 +17,7 @@ from moesim.model import BYTES_PER_PARAM, get_model
 from moesim.routing import TraceReplay
 from moesim.scenario import scenario_from_dict
 from moesim.traces import Trace
+from tests.helpers import with_changes
 
 
 def tiny(**changes) -> dict:
@@ -30,13 +31,7 @@ def tiny(**changes) -> dict:
         "serving": {"max_tokens_per_step": 64, "max_running": 8},
         "routing": {"source": "uniform"},
     }
-    for key, value in changes.items():
-        node = sc
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return sc
+    return with_changes(sc, changes)
 
 
 # ----- the layer schedule --------------------------------------------------------------------

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from moesim import comm
 from moesim.engine import build
 from moesim.scenario import scenario_from_dict
+from tests.helpers import with_changes
 
 
 def scenario(**changes) -> dict:
@@ -33,13 +34,7 @@ def scenario(**changes) -> dict:
         "serving": {"max_tokens_per_step": 48, "max_running": 4},
         "routing": {"source": "synthetic", "synth_tokens": 512, "synth_requests": 8, "seed": 2},
     }
-    for key, value in changes.items():
-        node = sc
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return sc
+    return with_changes(sc, changes)
 
 
 def run_both(sc: dict):

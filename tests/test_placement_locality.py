@@ -17,6 +17,7 @@ from moesim.planners.objectives import Objective, layer_terms, plan_values
 from moesim.planners.plan import Plan
 from moesim.planners.solve import make_plan
 from moesim.traces import Trace
+from tests.helpers import assert_exact_deltas
 
 
 # ----- closed forms -------------------------------------------------------------------------------
@@ -121,18 +122,7 @@ def test_everywhere_position_deltas_are_exact(seed):
     def value(assign):
         return NodeSearch(sets, weight, E, N, assign, positions=N + 1).value()
 
-    base = value(node)
-    for e in range(E):
-        for m in range(N + 1):
-            if m != node[e]:
-                moved = node.copy()
-                moved[e] = m
-                assert move[e, m] == pytest.approx(value(moved) - base)
-        for f in range(E):
-            if node[e] != node[f]:
-                swapped = node.copy()
-                swapped[e], swapped[f] = node[f], node[e]
-                assert swap[e, f] == pytest.approx(value(swapped) - base)
+    assert_exact_deltas(move, swap, node, value, N + 1)
 
 
 def test_everywhere_limits_charge_every_node():

@@ -20,6 +20,7 @@ from moesim.planners.plan import Plan, replica_counts
 from moesim.planners.refine import swap_search
 from moesim.planners.solve import make_plan
 from moesim.traces import Trace
+from tests.helpers import assert_exact_deltas
 
 README_W = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                      [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]], float)
@@ -324,18 +325,7 @@ def test_partition_move_and_swap_deltas_are_exact(seed):
     def value(assign):
         return NodeSearch(sets, weight, E, N, assign).value()
 
-    base = value(node)
-    for e in range(E):
-        for m in range(N):
-            if m != node[e]:
-                moved = node.copy()
-                moved[e] = m
-                assert move[e, m] == pytest.approx(value(moved) - base)
-        for f in range(E):
-            if node[e] != node[f]:
-                swapped = node.copy()
-                swapped[e], swapped[f] = node[f], node[e]
-                assert swap[e, f] == pytest.approx(value(swapped) - base)
+    assert_exact_deltas(move, swap, node, value, N)
 
 
 def test_partition_finds_a_planted_split_within_the_limits():
