@@ -45,7 +45,9 @@ def demo_runs(names: list[str] | None = None) -> list[dict]:
         for label, changes in variants.items():
             res = simulate(base.with_changes(changes) if changes else base)
             rows.append({**res.summary, "placement": label, "description": base.description,
-                         "invariants_ok": all(res.invariants.values())})
+                         "invariants_ok": all(res.invariants.values()),
+                         "experts_s_per_step": float(res.steps["experts_s"].mean())
+                         if len(res.steps) else None})
     return rows
 
 
@@ -75,6 +77,12 @@ def render(payload: dict) -> None:
                        f"throughput x{best['throughput_tok_s'] / base['throughput_tok_s']:.2f}, "
                        f"GPU load max/mean {base['gpu_load_max_over_mean']:.2f} -> "
                        f"{best['gpu_load_max_over_mean']:.2f}")
+            a, b = base.get("experts_s_per_step"), best.get("experts_s_per_step")
+            if a and b and best["tpot_mean_s"] > base["tpot_mean_s"]:
+                typer.echo(f"     slower here: expert GEMMs {a * 1e3:.2f} -> {b * 1e3:.2f} ms per "
+                           "step. At this decode batch they are bound by reading\n     weights, "
+                           "and the replicas put more experts on each GPU: they cost more weight "
+                           "reads than the\n     imbalance they remove.")
         typer.echo("")
     typer.echo(f"{len(payload['runs'])} simulations in {payload['wall_s']:.1f} s. Try: moesim simulate "
                "deepseek-v3-ep64 --timeline timeline.json")
