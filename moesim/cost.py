@@ -153,6 +153,23 @@ class CostModel:
         eff = tile_efficiency(m, self.device.gemm_tile_m)
         return np.where(m > 0, self.roofline(flops, nbytes, model.expert_dtype, eff), 0.0)
 
+    def expert_roofline_terms(self, model: MoEModel):
+        """``expert_times`` on the roofline as max(a x ceil(m / tile), b + c x m) for m > 0:
+        (a, b, c, tile), or None where a measured table covers the expert FFN. The padded-tile
+        compute is flops per token x padded rows / rate, so it needs no per-row efficiency."""
+        shape = f"{model.hidden}x{model.moe_intermediate}"
+        if self.table and (("expert_ffn", shape, model.expert_dtype) in self.table.curves):
+            return None
+        d = self.device
+        tile = d.gemm_tile_m
+        rate = d.peak_flops(model.expert_dtype) * d.compute_efficiency
+        if not rate > 0:
+            return None
+        bw = d.memory.read_bw * d.memory_efficiency
+        act = (2 * model.hidden + model.ffn_matrices * model.moe_intermediate) * self.act_bytes
+        return (model.expert_flops_per_token() * tile / rate, model.expert_bytes() / bw,
+                act / bw, tile)
+
     def grouped_gemm_time(self, model: MoEModel, tokens_per_expert) -> float:
         """One grouped-GEMM launch over a GPU's local experts (sum of per-expert rooflines)."""
         return float(self.grouped_gemm_times(model, np.asarray(tokens_per_expert, dtype=float)))

@@ -181,6 +181,7 @@ class StepCosts:
         self.rank = tp_slice(model, tp)
         self.cm = CostModel(device, table)
         self._memo: dict[tuple[str, float], float] = {}
+        self._roofline_terms = self.cm.expert_roofline_terms(model)
         self._expert_table: dict[int, np.ndarray] = {}
 
     def _per_count(self, what: str, fn, tokens: np.ndarray) -> np.ndarray:
@@ -218,17 +219,20 @@ class StepCosts:
         return self._per_count("lm_head", lambda t: self.cm.gemm_time(
             t, m.vocab, m.hidden, m.dense_dtype, "lm_head"), tokens)
 
-    def experts(self, slot_load: np.ndarray, num_gpus: int, active=None) -> np.ndarray:
+    def experts(self, slot_load: np.ndarray, num_gpus: int, active=None,
+                log_idle=None) -> np.ndarray:
         """``[L, G]`` grouped-GEMM seconds from ``slot_load[L, R]`` (rows per physical slot).
 
         ``active`` (expected loads): the probability that a slot receives any row; a slot then
         costs P(active) x time(load / P(active)), and the launch P(any slot of the GPU active).
+        ``log_idle`` (optional, same shape): log(1 - active) when the caller has it, which
+        spares a log per slot.
         """
         L = slot_load.shape[0]
         load = slot_load.reshape(L, num_gpus, -1)
         if active is None:
             return self.cm.grouped_gemm_times(self.model, load)
-        return self._expected_experts(load, active)
+        return self._expected_experts(load, active, log_idle)
 
     def experts_counted(self, slot_rows: np.ndarray, num_gpus: int, parts: int = 1,
                         gpu_rows: np.ndarray | None = None) -> np.ndarray:
@@ -249,13 +253,27 @@ class StepCosts:
             gpu_rows = slot_rows.reshape(L, num_gpus, -1).sum(-1)
         return per_gpu.reshape(L, num_gpus) + (gpu_rows > 0) * self.cm.device.kernel_overhead
 
-    def _expected_experts(self, load: np.ndarray, active: np.ndarray) -> np.ndarray:
+    def _expected_experts(self, load: np.ndarray, active: np.ndarray,
+                          log_idle=None) -> np.ndarray:
         p = active.reshape(load.shape)
         cond = np.divide(load, p, out=np.zeros_like(load), where=p > 0)
-        per = self.cm.expert_times(self.model, cond) * p
+        terms = self._roofline_terms
+        if terms is None:
+            per = self.cm.expert_times(self.model, cond) * p
+        else:  # the same roofline in a few passes (count-routing memo misses are hot)
+            a, b, c, tile = terms
+            compute = np.ceil(cond / tile)
+            compute *= a
+            memory = cond * c
+            memory += b
+            per = np.maximum(compute, memory, out=compute)
+            per *= p  # p = 0 exactly where cond = 0: idle slots cost nothing
+
         # sums over a GPU's few slots: a matrix product is faster than a reduction
         ones = np.ones(load.shape[-1])
-        launch = -np.expm1(np.log1p(-np.minimum(p, 1.0 - 1e-15)) @ ones)
+        if log_idle is None:
+            log_idle = np.log1p(-np.minimum(p, 1.0 - 1e-15))
+        launch = -np.expm1(log_idle.reshape(load.shape) @ ones)
         return per @ ones + launch * self.cm.device.kernel_overhead
 
 
@@ -369,6 +387,9 @@ class Router:
             self.slot_share = per_slot / np.maximum(np.take_along_axis(reps, phy, 1), 1)
             self.gpu_share = self.slot_share.reshape(L, self.G, self.S).sum(-1)
             self.node_share = self.gpu_share.reshape(L, -1, self.gpn).sum(-1)[:, self.node]
+            pick = np.minimum(K * self.slot_share, 1.0)
+            self._log_idle_per_token = np.log1p(-np.minimum(pick, 1 - 1e-12))
+            self._always_active = pick >= 1.0
         self._cache: dict = {}
         self._expert_memo: dict = {}  # total tokens of an expected step -> [L, G] expert times
         self.cache_hits = 0
@@ -614,18 +635,19 @@ class Router:
 
     def _expected_chunk(self, miss: list, share: float, costs, out: list) -> None:
         self.cache_misses += len(miss)
-        L, G, R, K, S = self.L, self.G, self.R, self.K, self.S
+        L, G, R, K = self.L, self.G, self.R, self.K
         M = len(miss)
         t = np.stack([m[1] for m in miss])  # [M, G]
         total = t.sum(axis=1)
         slot_load = total[:, None, None] * K * self.slot_share  # [M, L, R]
-        pick = np.minimum(K * self.slot_share, 1.0)
-        active = -np.expm1(total[:, None, None] * np.log1p(-np.minimum(pick, 1 - 1e-12)))
-        active[:, pick >= 1.0] = 1.0
-        if S == 1:
-            gpu_load = slot_load.astype(float)
-        else:
-            gpu_load = (slot_load.reshape(M * L * G, S).astype(float) @ np.ones(S)).reshape(M, L, G)
+        # log P(slot idle) = tokens x log(1 - pick): the log taken once per placement
+        log_idle = total[:, None, None] * self._log_idle_per_token
+        active = -np.expm1(log_idle)
+        active[:, self._always_active] = 1.0
+        log_idle[:, self._always_active] = np.log1p(-(1.0 - 1e-15))
+        # a GPU's load is its slots' shares times the step's pairs (a [M*L*G, S] @ [S] product
+        # with S of 2-8 ran at 0.8 ms per chunk, more than the rest of the miss)
+        gpu_load = total[:, None, None] * K * self.gpu_share
         own = self.gpu_share * K
         if self.nic_only:  # every pair through the NIC: a GPU sends K t, receives its share of all
             send = np.broadcast_to((t * K)[:, None, :], (M, L, G)).reshape(M * L, G)
@@ -648,7 +670,8 @@ class Router:
             new = [i for i, x in enumerate(total.tolist()) if x not in memo]
             if new:
                 times = costs.experts(slot_load[new].reshape(len(new) * L, R), G,
-                                      active[new].reshape(len(new) * L, R)).reshape(-1, L, G)
+                                      active[new].reshape(len(new) * L, R),
+                                      log_idle[new].reshape(len(new) * L, R)).reshape(-1, L, G)
                 if len(memo) > 4096:
                     memo.clear()
                 memo.update(zip(total[new].tolist(), times, strict=True))
