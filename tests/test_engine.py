@@ -382,3 +382,22 @@ def test_replay_of_real_esft_routing_balanced_beats_contiguous(esft_npz, tmp_pat
     assert imbalance(balanced) < 0.5 * (1 + imbalance(contiguous))
     assert balanced.steps.experts_s.sum() < contiguous.steps.experts_s.sum()
     assert all(balanced.invariants.values())
+
+
+@pytest.mark.parametrize("preset,cluster", [("deepseek-v3", "h800-ib"), ("mixtral-8x7b", "h100-ib"),
+                                            ("gpt-oss-120b", "a100-ib")])
+def test_expected_expert_times_fast_roofline_equals_expert_times(preset, cluster):
+    """The few-pass roofline of expected (count-routing) expert times is the cost model's
+    expert_times, rounding aside, across compute- and memory-bound loads and idle slots."""
+    from moesim.engine import StepCosts
+
+    costs = StepCosts(get_model(preset), get_cluster(cluster).gpu, 1)
+    assert costs._roofline_terms is not None
+    rng = np.random.default_rng(1)
+    load = rng.random((6, 8, 4)) * rng.choice([0.0, 0.3, 5, 300, 5000], (6, 8, 4))
+    active = np.where(load > 0, rng.random(load.shape) * 0.99 + 0.01, 0.0)
+    fast = costs._expected_experts(load, active)
+    costs._roofline_terms = None  # the general path through CostModel.expert_times
+    ref = costs._expected_experts(load, active)
+    np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=0)
+    assert (ref > 0).all()
