@@ -22,6 +22,7 @@ prefetch hit (residency code 2).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -335,6 +336,29 @@ class CachePolicy:
 
 # ----- registry ------------------------------------------------------------------------------------
 POLICIES: dict[str, type[CachePolicy]] = {}
+
+
+def pop_unpinned(heap: list, pinned, check) -> int | None:
+    """Key of the smallest live, unpinned entry of a lazily updated heap of ``(..., key)``
+    tuples, or None. ``check(entry)`` returns the entry when it is live, None when it is stale
+    (dropped), or a corrected entry to push back. Live pinned entries stay in the heap, and so
+    does the entry found: the policy's eviction removes the key, making it stale."""
+    held, found = [], None
+    while heap:
+        entry = heapq.heappop(heap)
+        live = check(entry)
+        if live is None:
+            continue
+        if live is not entry:
+            heapq.heappush(heap, live)
+            continue
+        held.append(entry)
+        if entry[-1] not in pinned:
+            found = entry[-1]
+            break
+    for entry in held:
+        heapq.heappush(heap, entry)
+    return found
 
 
 def register(cls: type[CachePolicy]) -> type[CachePolicy]:

@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from moesim.cache import CacheError, CachePolicy, register
+from moesim.cache import CacheError, CachePolicy, pop_unpinned, register
 
 
 class _OrderedPolicy(CachePolicy):
@@ -103,26 +103,19 @@ class LFU(CachePolicy):
         self._touch(key, True)
 
     def _victim(self, pool, pinned):
+        return pop_unpinned(self._heaps[pool], pinned, self._current)
+
+    def _current(self, entry):
         # (freq, last use) only grow, so a stale entry surfaces early and is re-pushed corrected
-        heap, held, found = self._heaps[pool], [], None
-        while heap:
-            f, t, key = heapq.heappop(heap)
-            if key not in self.resident:
-                continue
-            cur = (self._freq[key], self._last[key])
-            if cur != (f, t):
-                if (f, t) > cur:
-                    continue  # entry of an earlier residency with a larger count (in_cache)
-                heapq.heappush(heap, (*cur, key))
-                continue
-            held.append((f, t, key))
-            if key in pinned:
-                continue
-            found = key
-            break
-        for entry in held:
-            heapq.heappush(heap, entry)
-        return found
+        f, t, key = entry
+        if key not in self.resident:
+            return None
+        cur = (self._freq[key], self._last[key])
+        if cur == (f, t):
+            return entry
+        if (f, t) > cur:
+            return None  # entry of an earlier residency with a larger count (in_cache)
+        return (*cur, key)
 
 
 @register

@@ -7,7 +7,7 @@ import heapq
 
 import numpy as np
 
-from moesim.cache import CacheError, CachePolicy, register
+from moesim.cache import CacheError, CachePolicy, pop_unpinned, register
 
 
 class _FarthestFirst(CachePolicy):
@@ -43,19 +43,11 @@ class _FarthestFirst(CachePolicy):
         self._set_next(key, info.first + j if j >= 0 else -1)
 
     def _farthest(self, pool, pinned):
-        heap, held, found = self._heaps[pool], [], None
-        while heap:
-            neg, key = heapq.heappop(heap)
-            if key not in self.resident or self._next[key] != -neg:
-                continue
-            held.append((neg, key))
-            if key in pinned:
-                continue
-            found = key
-            break
-        for entry in held:
-            heapq.heappush(heap, entry)
-        return found
+        return pop_unpinned(self._heaps[pool], pinned, self._current)
+
+    def _current(self, entry):
+        neg, key = entry
+        return entry if key in self.resident and self._next[key] == -neg else None
 
     def _victim(self, pool, pinned):
         return self._farthest(pool, pinned)
