@@ -181,6 +181,28 @@ class Limits:
                 & (to_there == 0) & (to_there.T == 0))
 
 
+def apply_cheapest(search: NodeSearch, move: np.ndarray, swap: np.ndarray):
+    """Apply the cheaper of the cheapest move ``move[e, m]`` and the cheapest swap
+    ``swap[e, f]`` (``inf``: not allowed). Returns ``(cost, undo)``, undo being the
+    (expert, previous position) pairs that restore the assignment, or None if nothing is
+    allowed."""
+    node = search.node
+    i = np.unravel_index(int(np.argmin(move)), move.shape)
+    j = np.unravel_index(int(np.argmin(swap)), swap.shape)
+    if not (np.isfinite(move[i]) or np.isfinite(swap[j])):
+        return None
+    if move[i] <= swap[j]:
+        e, m = map(int, i)
+        undo = ((e, int(node[e])),)
+        search.apply(e, m)
+        return move[i], undo
+    e, f = map(int, j)
+    undo = ((e, int(node[e])), (f, int(node[f])))
+    search.apply(e, undo[1][1])
+    search.apply(f, undo[0][1])
+    return swap[j], undo
+
+
 def repair(search: NodeSearch, limits: Limits, max_steps: int = 2000) -> bool:
     """Move or swap experts off over-full nodes, cheapest traffic increase per unit of relief
     first, until every node is within its limits. False if it gets stuck."""
@@ -194,20 +216,11 @@ def repair(search: NodeSearch, limits: Limits, max_steps: int = 2000) -> bool:
         relief = now - limits.excess(*limits.after_move(node))
         relief[np.arange(E), node] = 0
         score = np.where(relief > 1e-12, move / np.maximum(relief, 1e-12), np.inf)
-        i = np.unravel_index(int(np.argmin(score)), score.shape)
         srelief = now - limits.excess(*limits.after_swap(node))
         srelief[node[:, None] == node[None, :]] = 0
         sscore = np.where(srelief > 1e-12, swap / np.maximum(srelief, 1e-12), np.inf)
-        j = np.unravel_index(int(np.argmin(sscore)), sscore.shape)
-        if not (np.isfinite(score[i]) or np.isfinite(sscore[j])):
+        if apply_cheapest(search, score, sscore) is None:
             return False
-        if score[i] <= sscore[j]:
-            search.apply(int(i[0]), int(i[1]))
-        else:
-            e, f = map(int, j)
-            ne, nf = node[e], node[f]
-            search.apply(e, nf)
-            search.apply(f, ne)
     return limits.feasible(node)
 
 
@@ -222,17 +235,8 @@ def separate(search: NodeSearch, limits: Limits, max_steps: int = 200) -> bool:
         move, swap = search.deltas()
         move = np.where(limits.move_ok(node) & clash[:, None], move, np.inf)
         swap = np.where(limits.swap_ok(node) & (clash[:, None] | clash[None, :]), swap, np.inf)
-        i = np.unravel_index(int(np.argmin(move)), move.shape)
-        j = np.unravel_index(int(np.argmin(swap)), swap.shape)
-        if not (np.isfinite(move[i]) or np.isfinite(swap[j])):
+        if apply_cheapest(search, move, swap) is None:
             return False
-        if move[i] <= swap[j]:
-            search.apply(int(i[0]), int(i[1]))
-        else:
-            e, f = map(int, j)
-            a, b = node[e], node[f]
-            search.apply(e, b)
-            search.apply(f, a)
     return False
 
 
@@ -248,24 +252,13 @@ def improve(search: NodeSearch, limits: Limits, deadline: float, max_passes: int
             node = search.node
             move = np.where(limits.move_ok(node) & ~locked[:, None], move, np.inf)
             swap = np.where(limits.swap_ok(node) & ~locked[:, None] & ~locked[None, :], swap, np.inf)
-            i = np.unravel_index(int(np.argmin(move)), move.shape)
-            j = np.unravel_index(int(np.argmin(swap)), swap.shape)
-            if not (np.isfinite(move[i]) or np.isfinite(swap[j])):
+            done = apply_cheapest(search, move, swap)
+            if done is None:
                 break
-            if move[i] <= swap[j]:
-                e, m = map(int, i)
-                history.append(((e, int(node[e])),))
-                total += move[i]
-                search.apply(e, m)
-                locked[e] = True
-            else:
-                e, f = map(int, j)
-                history.append(((e, int(node[e])), (f, int(node[f]))))
-                total += swap[j]
-                a, b = node[e], node[f]
-                search.apply(e, b)
-                search.apply(f, a)
-                locked[e] = locked[f] = True
+            cost, undo = done
+            history.append(undo)
+            total += cost
+            locked[[e for e, _ in undo]] = True
             if total < best_total:
                 best_total, best_len = total, len(history)
         for step in reversed(history[best_len:]):  # roll back past the best prefix
