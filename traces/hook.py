@@ -234,13 +234,14 @@ def _first_int(*values) -> int | None:
     return None
 
 
-def _text_config(model):
+def text_config(model):
+    """The config holding a model's text-decoder dimensions (multimodal configs nest it)."""
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def _num_experts(model, block, router, experts) -> int:
-    cfg = _text_config(model)
+    cfg = text_config(model)
     ffn = getattr(cfg, "ffn_config", None)
     n = _first_int(
         getattr(experts, "num_experts", None), getattr(router, "num_experts", None),
@@ -255,7 +256,7 @@ def _num_experts(model, block, router, experts) -> int:
 
 
 def _top_k(model, block, router) -> int:
-    cfg = _text_config(model)
+    cfg = text_config(model)
     ffn = getattr(cfg, "ffn_config", None)
     top1 = 1 if "Top1" in type(router).__name__ else None
     k = _first_int(
@@ -690,7 +691,7 @@ CONFIG_FACTS = (
 
 def model_facts(model: nn.Module, layers: list[MoELayer]) -> dict:
     """Architecture facts a simulator needs and the trace cannot show (JSON-safe)."""
-    cfg = _text_config(model)
+    cfg = text_config(model)
     facts: dict = {"architecture": getattr(cfg, "model_type", type(model).__name__),
                    "model_class": type(model).__name__}
     for name in CONFIG_FACTS:

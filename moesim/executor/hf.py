@@ -3,7 +3,7 @@
 The model runs whole (embeddings, attention with its KV cache, norms, routers, shared experts,
 LM head), one token per forward pass. Each MoE block's ``experts`` module (transformers 5.x:
 ``forward(hidden_states, top_k_index, top_k_weights)`` over parameters stacked by expert) is
-replaced by ``OffloadedExperts``:
+replaced by ``offloaded_experts``:
 
 - every parameter whose first dimension is the expert count is cut into one safetensors file
   per (layer, expert) in the expert store, then dropped from the model;
@@ -84,7 +84,7 @@ def load_hf(source: str, seed: int = 0, overrides: dict | None = None,
 
     from moesim.executor.stack import COMPUTE_DTYPES, StackSpec, torch_dtype
     from moesim.traces.capture import build_tiny_model, load_model, tiny_arch
-    from moesim.traces.hook import find_moe_layers
+    from moesim.traces.hook import find_moe_layers, text_config
 
     if source.startswith("tiny:"):
         arch = tiny_arch(source.removeprefix("tiny:"))
@@ -100,7 +100,7 @@ def load_hf(source: str, seed: int = 0, overrides: dict | None = None,
         if dtype not in COMPUTE_DTYPES:
             raise ExecutorError(f"dtype {dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
         model = model.to(torch_dtype(dtype))
-    cfg = getattr(model.config, "text_config", None) or model.config
+    cfg = text_config(model)
     found = find_moe_layers(model)
     modules = dict(model.named_modules())
     layers = []
@@ -207,17 +207,15 @@ def offload(hf: HFModel, store: ExpertStore) -> None:
     hf.offloaded = True
 
 
-class OffloadedExperts:
-    """Stands in for a block's ``experts`` module: calls back into the run loop."""
+def offloaded_experts(driver, layer: HFLayer):
+    """A module standing in for a block's ``experts``: it calls back into the run loop."""
+    import torch
 
-    def __init__(self, driver, layer: HFLayer):
-        import torch
+    class OffloadedExperts(torch.nn.Module):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return driver.experts(layer, hidden_states, top_k_index, top_k_weights)
 
-        class _Module(torch.nn.Module):
-            def forward(inner, hidden_states, top_k_index, top_k_weights):  # noqa: N805
-                return driver.experts(layer, hidden_states, top_k_index, top_k_weights)
-
-        self.module = _Module()
+    return OffloadedExperts()
 
 
 def token_ids(hf: HFModel, tokens: int, seed: int):
@@ -225,8 +223,9 @@ def token_ids(hf: HFModel, tokens: int, seed: int):
     the router's own (random text of the vocabulary)."""
     import torch
 
-    vocab = int(_config_value(getattr(hf.model.config, "text_config", None) or hf.model.config,
-                              "vocab_size"))
+    from moesim.traces.hook import text_config
+
+    vocab = int(_config_value(text_config(hf.model), "vocab_size"))
     g = torch.Generator().manual_seed(int(seed) + 4242)
     return torch.randint(3, vocab, (1, tokens), generator=g)
 
@@ -251,10 +250,10 @@ def forward_tokens(hf: HFModel, ids, on_token=None):
 class Driver:
     """The run loop's state across the model's forward passes (see ``run_hf``)."""
 
-    def __init__(self, hf, store, settings, stream, arrays, rec, policy, prefetcher, pool):
+    def __init__(self, hf, store, stream, arrays, rec, policy, prefetcher, pool):
         from moesim.cache import BatchInfo
 
-        self.hf, self.store, self.settings = hf, store, settings
+        self.hf, self.store = hf, store
         self.stream, self.arrays, self.rec = stream, arrays, rec
         self.policy, self.prefetcher, self.pool = policy, prefetcher, pool
         self.ram: dict = {}
@@ -321,7 +320,14 @@ def run_hf(hf: HFModel, store: ExpertStore, settings, *, trace=None, tokens: int
     import torch
 
     from moesim.executor.io import IOPool
-    from moesim.executor.runner import _empty_record, _policy, finish_record, forced_stream
+    from moesim.executor.runner import (
+        _empty_record,
+        _policy,
+        finish_record,
+        forced_stream,
+        preallocate_buffers,
+    )
+    from moesim.traces.hook import text_config
 
     if settings.device != "cpu":
         raise ExecutorError("Hugging Face models run on the CPU executor (--device cpu)")
@@ -335,8 +341,7 @@ def run_hf(hf: HFModel, store: ExpertStore, settings, *, trace=None, tokens: int
         if not tokens or tokens < 1:
             raise ExecutorError("give the number of tokens to run with the router's own routing")
         arrays, T = None, int(tokens)
-    limit = int(_config_value(getattr(hf.model.config, "text_config", None) or hf.model.config,
-                              "max_position_embeddings", default=T))
+    limit = int(_config_value(text_config(hf.model), "max_position_embeddings", default=T))
     if T > limit:
         raise ExecutorError(f"{T} tokens exceed the model's {limit} positions; run fewer (--tokens)")
     ids = token_ids(hf, T, settings.seed)
@@ -346,18 +351,15 @@ def run_hf(hf: HFModel, store: ExpertStore, settings, *, trace=None, tokens: int
     policy, prefetcher = _policy(spec, settings, stream)
     all_keys = np.arange(spec.layers * spec.num_experts)
     store.drop_cache(all_keys.tolist())
-    slots = policy.layout.capacity if policy.layout.unit == "experts" else (
-        policy.layout.capacity // max(hf.payload_bytes, 1))
-    store.preallocate(min(int(slots), len(all_keys)) + settings.io_threads + 2 * spec.top_k,
-                      store.path(0).stat().st_size)
+    preallocate_buffers(spec, store, policy, settings, hf.payload_bytes, 0)
     rec = _empty_record(T, spec.layers, spec.top_k, spec.hidden)
     t_origin = time.perf_counter()
     pool = IOPool(store.read, settings.io_threads, clock=lambda: time.perf_counter() - t_origin)
-    drv = Driver(hf, store, settings, stream, arrays, rec, policy, prefetcher, pool)
+    drv = Driver(hf, store, stream, arrays, rec, policy, prefetcher, pool)
     handles, originals = [], []
     for layer in hf.layers:
         originals.append(layer.block.experts)
-        layer.block.experts = OffloadedExperts(drv, layer).module
+        layer.block.experts = offloaded_experts(drv, layer)
         handles.append(layer.decoder.register_forward_pre_hook(
             lambda _m, _a, lay=layer: drv.layer_start(lay)))
         handles.append(layer.decoder.register_forward_hook(

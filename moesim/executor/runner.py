@@ -241,16 +241,21 @@ def finish_record(rec: RunRecord, pool, policy, store: ExpertStore, first_key) -
     return rec
 
 
-def _prepare(spec, store, policy, settings, key) -> None:
-    """Allocate the cache's buffers and warm the kernels up before the clock starts."""
-    import torch
-
-    payload = spec.expert_payload_bytes()
+def preallocate_buffers(spec, store, policy, settings, payload: int, key: int) -> None:
+    """Fault in read buffers for what the cache can hold, the reads in flight and a batch's
+    misses (files the size of ``key``'s), before the clock starts."""
     slots = policy.layout.capacity if policy.layout.unit == "experts" else (
         policy.layout.capacity // max(payload, 1))
     slots = min(int(slots), spec.layers * spec.num_experts)
     store.preallocate(slots + settings.io_threads + 2 * spec.top_k,
                       store.path(key).stat().st_size)
+
+
+def _prepare(spec, store, policy, settings, key) -> None:
+    """Allocate the cache's buffers and warm the kernels up before the clock starts."""
+    import torch
+
+    preallocate_buffers(spec, store, policy, settings, spec.expert_payload_bytes(), key)
     x = token_input(spec, -1)
     e = expert_tensors(spec, 0)
     with torch.inference_mode():
