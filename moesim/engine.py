@@ -581,9 +581,8 @@ class Router:
         K = self.K
         out = self._empty(t.sum() * K * self.slot_share)
         # a slot is idle only if none of the step's tokens picks it (independent tokens)
-        pick = np.minimum(K * self.slot_share, 1.0)
-        out.active = -np.expm1(t.sum() * np.log1p(-np.minimum(pick, 1 - 1e-12)))
-        out.active[pick >= 1.0] = 1.0
+        out.active = -np.expm1(t.sum() * self._log_idle_per_token)
+        out.active[self._always_active] = 1.0
         if self.pair:
             T = t.sum()
             t_node = np.bincount(self.node, weights=t)[self.node]
