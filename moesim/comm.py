@@ -923,18 +923,20 @@ def ll_comm_layers(cluster: Cluster, send_pairs: np.ndarray, recv_pairs: np.ndar
     sends and receives ``[..., G]`` (every pair goes through the NIC, so the path split does
     not matter). Same arithmetic, without building ``[..., G, 3]`` path arrays or the list of
     names: returns (dispatch_s, combine_s, sent_bytes, recv_bytes, bottleneck code into
-    ``LL_TERMS``, -1 for none)."""
+    ``LL_TERMS``, -1 for none). The leading shapes of the two inputs need only broadcast
+    (rows the same for every layer are passed once, with a length-1 axis)."""
     b = float(dispatch_row)
     send = send_pairs * b
     recv = recv_pairs * b
     rate = cluster.comm.ll_rdma_bw or cluster.rdma_bw()
-    secs = np.stack([per_nic(cluster, send).max(axis=-1) / rate,
-                     per_nic(cluster, recv).max(axis=-1) / rate], axis=-1)
+    secs = np.stack(np.broadcast_arrays(per_nic(cluster, send).max(axis=-1) / rate,
+                                        per_nic(cluster, recv).max(axis=-1) / rate), axis=-1)
     t = secs.max(axis=-1)
     which = np.where(t > 0, secs.argmax(axis=-1), -1)
     alpha = pair_fixed_cost("deepep-ll", cluster)
     scale = combine_row / dispatch_row
-    return alpha + t, alpha + t * scale, send.sum(-1), recv.sum(-1), which
+    sent, received = np.broadcast_arrays(send.sum(-1), recv.sum(-1))
+    return alpha + t, alpha + t * scale, sent, received, which
 
 
 def pair_comm_layers(dispatcher: str, cluster: Cluster, out_paths: np.ndarray,

@@ -44,6 +44,7 @@ from moesim.serving import Batch, Scheduler
 from moesim.workload import build_workload
 
 GB = 1e9
+IDLE_FLOOR = float(np.log1p(-(1.0 - 1e-15)))  # log P(idle) of a slot every step uses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +96,7 @@ def count_slots(row_slot, key, step, nb, out) -> None:
     for job, part in zip(jobs, extra, strict=True):
         job.result()
         out += part
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +185,7 @@ class StepCosts:
         self._memo: dict[tuple[str, float], float] = {}
         self._roofline_terms = self.cm.expert_roofline_terms(model)
         self._expert_table: dict[int, np.ndarray] = {}
+        self._gpu_sums_memo: dict = {}  # per placement: experts_expected's per-GPU sums
 
     def _per_count(self, what: str, fn, tokens: np.ndarray) -> np.ndarray:
         lo, hi = tokens.min(), tokens.max()
@@ -233,6 +236,72 @@ class StepCosts:
         if active is None:
             return self.cm.grouped_gemm_times(self.model, load)
         return self._expected_experts(load, active, log_idle)
+
+    def experts_expected(self, totals: np.ndarray, kshare: np.ndarray, log_idle: np.ndarray,
+                         always: np.ndarray, num_gpus: int) -> np.ndarray:
+        """``[n, L, G]`` expert seconds of steps of ``totals[n]`` tokens routed in expectation:
+        slot r of layer l gets ``T x kshare[l, r]`` rows and is idle with log-probability
+        ``T x log_idle[l, r]`` (never idle where ``always``) — ``experts`` with ``active``.
+
+        A slot on the memory-bound side of the roofline costs
+        P(active) x (b + c x rows / P(active)) = b P(active) + c x rows, so a GPU's such slots
+        cost b x (sum of P(active)) + c x (their rows): no per-slot division, ceiling or
+        maximum. The few slots that may be compute-bound (decode: the hottest experts) are
+        costed on the whole roofline and replace their memory-bound term."""
+        n, (L, R) = len(totals), kshare.shape
+        T = np.asarray(totals, dtype=float)[:, None, None]
+        terms = self._roofline_terms
+        if terms is not None:
+            a, b, c, tile = terms
+            # rows of an active slot: T k / (1 - (1 - k)^T) <= 1 + T k (x / (1 - e^-x) <= 1 + x),
+            # so a slot is memory-bound whenever a x ceil((1 + T k) / tile) <= b
+            hot = np.flatnonzero(a * np.ceil((1.0 + float(T.max()) * kshare.ravel()) / tile) > b)
+            if len(hot) <= kshare.size // 8:
+                return self._expected_memory_bound(T[:, :, 0], kshare, log_idle, always, hot,
+                                                   num_gpus)
+        lg = T * log_idle
+        lg[:, always] = IDLE_FLOOR
+        active = -np.expm1(lg)
+        active[:, always] = 1.0
+        return self.experts((T * kshare).reshape(n * L, R), num_gpus, active.reshape(n * L, R),
+                            lg.reshape(n * L, R)).reshape(n, L, num_gpus)
+
+    def _expected_memory_bound(self, T, kshare, log_idle, always, hot, num_gpus) -> np.ndarray:
+        """``experts_expected`` summed per GPU as b P(active) + c rows, slots ``hot`` (flat
+        ``layer x R + slot``) corrected to the whole roofline. ``T[n, 1]``."""
+        a, b, c, tile = self._roofline_terms
+        n, (L, R) = len(T), kshare.shape
+        S = R // num_gpus
+        ones = np.ones(S)
+        lg = T[:, :, None] * log_idle
+        lg[:, always] = IDLE_FLOOR
+        idle = np.expm1(lg)  # -P(active)
+        p_sum = (idle.reshape(-1, S) @ ones).reshape(n, L * num_gpus)
+        idle_sum = self._gpu_sums(kshare, log_idle, always, S)
+        per = (T * c) * idle_sum[2] - b * p_sum
+        if len(hot):
+            p = -idle.reshape(n, L * R)[:, hot]
+            load = T * kshare.ravel()[hot]
+            cond = np.divide(load, p, out=np.zeros_like(load), where=p > 0)
+            whole = np.maximum(np.ceil(cond / tile) * a, cond * c + b) * p
+            gpu = (hot // R) * num_gpus + (hot % R) // S
+            np.add.at(per, (slice(None), gpu), whole - (b * p + c * load))
+        # log P(no slot of the GPU active) is linear in T: summed once per placement
+        launch = -np.expm1(T * idle_sum[0] + idle_sum[1])
+        return (per + launch * self.cm.device.kernel_overhead).reshape(n, L, num_gpus)
+
+    def _gpu_sums(self, kshare, log_idle, always, S) -> tuple:
+        """Per GPU, once per placement: the sum of its slots' log P(idle) per token (never-idle
+        slots left out) and their floor constant (log P(GPU idle) = T x first + second), and
+        its rows per token."""
+        key = id(log_idle)
+        hit = self._gpu_sums_memo.get(key)
+        if hit is None or hit[0] is not log_idle:
+            ones = np.ones(S)
+            sums = (np.where(always, 0.0, log_idle).reshape(-1, S) @ ones,
+                    always.reshape(-1, S).sum(-1) * IDLE_FLOOR, kshare.reshape(-1, S) @ ones)
+            hit = self._gpu_sums_memo[key] = (log_idle, sums)
+        return hit[1]
 
     def experts_counted(self, slot_rows: np.ndarray, num_gpus: int, parts: int = 1,
                         gpu_rows: np.ndarray | None = None) -> np.ndarray:
@@ -390,6 +459,9 @@ class Router:
             pick = np.minimum(K * self.slot_share, 1.0)
             self._log_idle_per_token = np.log1p(-np.minimum(pick, 1 - 1e-12))
             self._always_active = pick >= 1.0
+            self._kshare = K * self.slot_share
+            self._gpu_share_max = self.gpu_share.max(axis=1)
+            self._gpu_share_mean = self.gpu_share.mean(axis=1)
         self._cache: dict = {}
         self._expert_memo: dict = {}  # total tokens of an expected step -> [L, G] expert times
         self.cache_hits = 0
@@ -500,17 +572,18 @@ class Router:
                         @ np.ones(self.S)).reshape(W * L, G)
         if self.nic_only:  # every pair through the NIC: per-GPU totals are all that matter
             if self.valid_all:
-                sent = K * np.bincount(step * G + src, minlength=W * G).reshape(W, 1, G) * share
-                send = np.broadcast_to(sent, (W, L, G)).reshape(W * L, G)
+                # the same for every layer: one row per step, broadcast by ll_comm_layers
+                send = K * np.bincount(step * G + src, minlength=W * G).reshape(W, 1, G) * share
             else:
                 k2 = (step[:, None] * L + np.arange(L)[None, :]) * G + src[:, None]
                 send = np.bincount(k2.ravel(), weights=self.row_valid[rows].ravel(),
-                                   minlength=W * L * G).reshape(W * L, G) * share
+                                   minlength=W * L * G).reshape(W, L, G) * share
             # the LL kernel moves every pair, own GPU included
-            d, c, sb, rb, which = self.comm.ll_comm_layers(self.cluster, send, gpu_load,
-                                                           *self.rows)
-            return {"slot_rows": slot_rows, "gpu_load": gpu_load, "dispatch_s": d,
-                    "combine_s": c, "sent_bytes": sb, "recv_bytes": rb, "bottleneck": which}
+            d, c, sb, rb, which = self.comm.ll_comm_layers(self.cluster, send,
+                                                           gpu_load.reshape(W, L, G), *self.rows)
+            return {"slot_rows": slot_rows, "gpu_load": gpu_load, "dispatch_s": d.ravel(),
+                    "combine_s": c.ravel(), "sent_bytes": sb.ravel(), "recv_bytes": rb.ravel(),
+                    "bottleneck": which.ravel()}
         # flat: pairs by path (same GPU, same node, other node)
         if flat is None:
             flat = self._slots_of(key)
@@ -630,30 +703,32 @@ class Router:
             out[u] = out[first]
         return out
 
-    MISS_CHUNK = 4
+    MISS_CHUNK = 8
 
     def _expected_chunk(self, miss: list, share: float, costs, out: list) -> None:
         self.cache_misses += len(miss)
-        L, G, R, K = self.L, self.G, self.R, self.K
+        L, G, K = self.L, self.G, self.K
         M = len(miss)
         t = np.stack([m[1] for m in miss])  # [M, G]
         total = t.sum(axis=1)
         slot_load = total[:, None, None] * K * self.slot_share  # [M, L, R]
-        # log P(slot idle) = tokens x log(1 - pick): the log taken once per placement
-        log_idle = total[:, None, None] * self._log_idle_per_token
-        active = -np.expm1(log_idle)
-        active[:, self._always_active] = 1.0
-        log_idle[:, self._always_active] = np.log1p(-(1.0 - 1e-15))
+        active = None
+        if costs is None:  # expert times come later, from P(active)
+            # log P(slot idle) = tokens x log(1 - pick): the log taken once per placement
+            active = -np.expm1(total[:, None, None] * self._log_idle_per_token)
+            active[:, self._always_active] = 1.0
         # a GPU's load is its slots' shares times the step's pairs (a [M*L*G, S] @ [S] product
-        # with S of 2-8 ran at 0.8 ms per chunk, more than the rest of the miss)
-        gpu_load = total[:, None, None] * K * self.gpu_share
+        # with S of 2-8 ran at 0.8 ms per chunk, more than the rest of the miss); its max and
+        # mean over GPUs scale with the pairs too
+        TK = total * K
+        gpu_load = TK[:, None, None] * self.gpu_share
+        load_stats = TK[:, None] * self._gpu_share_max, TK[:, None] * self._gpu_share_mean
         own = self.gpu_share * K
         if self.nic_only:  # every pair through the NIC: a GPU sends K t, receives its share of all
-            send = np.broadcast_to((t * K)[:, None, :], (M, L, G)).reshape(M * L, G)
-            recv = (own[None] * total[:, None, None]).reshape(M * L, G)
-            d, c, sb, rb, which = self.comm.ll_comm_layers(self.cluster, send, recv, *self.rows)
-            names = np.array(self.comm.LL_TERMS)[which].tolist()
-            res = self.comm.LayersComm(d, c, sb, rb, names)
+            d, c, sb, rb, which = self.comm.ll_comm_layers(
+                self.cluster, (t * K)[:, None, :], own[None] * total[:, None, None], *self.rows)
+            names = np.array(self.comm.LL_TERMS)[which.ravel()].tolist()
+            res = self.comm.LayersComm(d.ravel(), c.ravel(), sb.ravel(), rb.ravel(), names)
         else:
             t_node = np.stack([np.bincount(self.node, weights=row)[self.node] for row in t])
             tb, tn, T = t[:, None, :], t_node[:, None, :], total[:, None, None]
@@ -663,25 +738,27 @@ class Router:
             res = self.comm.pair_comm_layers(self.dispatcher.name, self.cluster,
                                              out_paths.reshape(M * L, G, 3),
                                              in_paths.reshape(M * L, G, 3), *self.rows)
-        expert_t = None
+        experts = [None] * M
         if costs is not None:  # a function of the step's total tokens only: memoised on it
             memo = self._expert_memo
-            new = [i for i, x in enumerate(total.tolist()) if x not in memo]
+            new = sorted({x for x in total.tolist() if x not in memo})
             if new:
-                times = costs.experts(slot_load[new].reshape(len(new) * L, R), G,
-                                      active[new].reshape(len(new) * L, R),
-                                      log_idle[new].reshape(len(new) * L, R)).reshape(-1, L, G)
+                times = costs.experts_expected(np.array(new), self._kshare,
+                                               self._log_idle_per_token, self._always_active, G)
+                stats = times.max(axis=2), times.mean(axis=2), times.sum(axis=1)
                 if len(memo) > 4096:
                     memo.clear()
-                memo.update(zip(total[new].tolist(), times, strict=True))
-            expert_t = [memo[x] for x in total.tolist()]
+                for j, x in enumerate(new):
+                    memo[x] = (times[j], (stats[0][j], stats[1][j], stats[2][j]))
+            experts = [memo[x] for x in total.tolist()]
         for i, (u, ti) in enumerate(miss):
             part = slice(i * L, (i + 1) * L)
             r = StepRouting(slot_load[i], res.dispatch_s[part], res.combine_s[part],
                             res.sent_bytes[part], res.recv_bytes[part], gpu_load[i],
-                            res.bottleneck[part], active=active[i])
-            if expert_t is not None:
-                r.expert_t = expert_t[i]
+                            res.bottleneck[part], active=None if active is None else active[i],
+                            load_stats=(load_stats[0][i], load_stats[1][i]))
+            if experts[i] is not None:
+                r.expert_t, r.expert_stats = experts[i]
             if len(self._cache) > 4096:
                 self._cache.clear()
             self._cache[ti.tobytes()] = r

@@ -178,12 +178,44 @@ def test_route_expected_many_equals_route_expected(dispatcher):
     assert got[0] is got[2]
     for row, r in zip(rows, got, strict=True):
         ref = one.router.route_expected(row, 0.5)
-        for key in ("slot_load", "active", "gpu_load", "dispatch_s", "combine_s", "sent_bytes",
+        # (batched misses keep expert times and their statistics, not P(active))
+        for key in ("slot_load", "gpu_load", "dispatch_s", "combine_s", "sent_bytes",
                     "recv_bytes"):
             assert np.allclose(getattr(r, key), getattr(ref, key), rtol=1e-12, atol=0), key
         assert r.bottleneck == ref.bottleneck
-        assert np.allclose(many._expected_experts(r), one._expected_experts(ref), rtol=1e-12,
-                           atol=0)
+        expert_t = one._expected_experts(ref)
+        assert np.allclose(many._expected_experts(r), expert_t, rtol=1e-12, atol=0)
+        if r is not got[3]:  # (row 3 was memoised by route_expected, without statistics)
+            assert np.allclose(r.expert_stats[0], expert_t.max(axis=1), rtol=1e-12, atol=0)
+            assert np.allclose(r.expert_stats[1], expert_t.mean(axis=1), rtol=1e-12, atol=0)
+            assert np.allclose(r.expert_stats[2], expert_t.sum(axis=0), rtol=1e-12, atol=0)
+            assert np.allclose(r.load_stats[0], ref.gpu_load.max(axis=1), rtol=1e-12, atol=0)
+            assert np.allclose(r.load_stats[1], ref.gpu_load.mean(axis=1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("totals", [[0.5, 3.0, 40.0], [150.0, 300.5], [900.0, 1.0e5]])
+def test_experts_expected_equals_the_whole_roofline(totals):
+    """The per-GPU memory-bound sums (hot slots corrected on the whole roofline, a never-idle
+    slot, the fallback once many slots may be compute-bound) give what ``experts`` gives
+    slot by slot from P(active)."""
+    sim = build(scenario_from_dict(scenario(**{"routing.source": "uniform"})))
+    r, costs, G = sim.router, sim.costs, sim.layout.num_gpus
+    # skewed picks per token (a few hot slots), one slot every token picks (never idle)
+    kshare = np.random.default_rng(4).pareto(1.5, r._kshare.shape) * r._kshare
+    kshare = np.minimum(kshare, 0.97)
+    kshare[0, 0] = 1.0
+    log_idle = np.log1p(-np.minimum(kshare, 1 - 1e-12))
+    always = kshare >= 1.0
+    T = np.array(totals)
+    got = costs.experts_expected(T, kshare, log_idle, always, G)
+    lg = T[:, None, None] * log_idle
+    lg[:, always] = np.log1p(-(1.0 - 1e-15))
+    active = -np.expm1(lg)
+    active[:, always] = 1.0
+    n, (L, R) = len(T), kshare.shape
+    want = costs.experts((T[:, None, None] * kshare).reshape(n * L, R), G,
+                         active.reshape(n * L, R)).reshape(n, L, G)
+    assert np.allclose(got, want, rtol=1e-12, atol=0)
 
 
 def test_compiled_slot_counter_equals_numpy(monkeypatch):
