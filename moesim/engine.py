@@ -441,9 +441,13 @@ class Router:
             if self.V * ex.size <= 2**26:
                 every = np.arange(self.V * self.T)
                 self.row_slot = self._row_slots(every // self.T, every % self.T)
-                # over 256 MB, or read by the compiled kernel: half the bytes (numpy then
-                # casts per step)
-                if self.row_slot.size > 2**25 or (self.nic_only and SLOT_COUNTER is not None):
+                # over 256 MB, or read by the compiled kernel: fewer bytes (numpy then casts
+                # per step); the kernel's reads of this table are most of a trace step's time
+                # at large batches, so uint16 ids where every id fits
+                compiled = self.nic_only and SLOT_COUNTER is not None
+                if compiled and L * self.R < np.iinfo(np.uint16).max:
+                    self.row_slot = self.row_slot.astype(np.uint16)
+                elif self.row_slot.size > 2**25 or compiled:
                     self.row_slot = self.row_slot.astype(np.int32)
             if self.nic_only and self.row_slot is not None and SLOT_COUNTER is not None:
                 # load (or compile) the kernel now, with the real types: build time, not run time
@@ -609,7 +613,9 @@ class Router:
 
     def _slots_of(self, key: np.ndarray) -> np.ndarray:
         if self.row_slot is not None:
-            return self.row_slot[key]
+            ids = self.row_slot[key]
+            # (callers add offsets in place: unsigned ids would not take them)
+            return ids.astype(np.intp) if ids.dtype == np.uint16 else ids
         return self._row_slots(key // self.T, key % self.T)
 
     def _flat_paths(self, out: StepRouting, flat: np.ndarray, src: np.ndarray, share: float):
