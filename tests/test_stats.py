@@ -16,6 +16,7 @@ from moesim.traces.stats import (
     compute_stats,
     imbalance,
     lru_hit_curve,
+    pair_pmi,
     routing_entropy,
     stack_distances,
 )
@@ -168,6 +169,20 @@ def test_imbalance_and_entropy_closed_forms():
     h = routing_entropy(np.array([[5, 5, 5, 5], [8, 0, 0, 0], [1, 1, 2, 0], [0, 0, 0, 0]]))
     np.testing.assert_allclose(h[:3], [2.0, 0.0, 1.5])
     assert np.isnan(h[3]) and np.isnan(imbalance(np.zeros((1, 3)))[0])
+
+
+def test_pair_pmi_closed_forms():
+    """Every token the same pair: 0. Two disjoint pairs, half the tokens each: log 2 (each pair
+    chosen by half the tokens, each expert by half). K = 2 of 4 experts drawn uniformly and
+    independently (all 6 pairs equally often): log(1/6 / (1/2)^2) = log(2/3)."""
+    same = np.tile([[[0, 1]]], (10, 1, 1))
+    halves = np.array([[[0, 1]]] * 5 + [[[2, 3]]] * 5)
+    every = np.array([[[a, b]] for a in range(4) for b in range(a + 1, 4)] * 3)
+    for experts, want in ((same, 0.0), (halves, np.log(2)), (every, np.log(2 / 3))):
+        s = compute_stats(Trace.from_arrays(experts, num_experts=4, seq_lens=[len(experts)]),
+                          segment_lengths=[], windows=[1])
+        np.testing.assert_allclose(pair_pmi(s.coactivation, s.load, 2), [want], atol=1e-12)
+        assert s.summary()["pair_pmi_mean"] == pytest.approx(want, abs=1e-12)
 
 
 @settings(max_examples=30, deadline=None)

@@ -254,6 +254,29 @@ def routing_entropy(load: np.ndarray) -> np.ndarray:
     return np.where(total[..., 0] > 0, h, np.nan)
 
 
+def pair_pmi(coactivation: np.ndarray, load: np.ndarray, top_k: int) -> np.ndarray:
+    """Per layer, the mean pointwise mutual information (nats) of the expert pairs tokens choose
+    together, weighted by how often they do: sum P(e,f) log(P(e,f) / (P(e) P(f))) / sum P(e,f)
+    over e != f, with P per (token, layer) row. 0 when every row picks the same experts;
+    below 0 for independent choices (a top-k never repeats an expert); above 0 when experts
+    come in groups tokens choose together (NaN with no pairs)."""
+    C = np.asarray(coactivation, dtype=np.float64)
+    L, E, _ = C.shape
+    rows = np.asarray(load, dtype=np.float64).sum(axis=-1) / top_k  # rows with a full top-k
+    out = np.full(L, np.nan)
+    off = ~np.eye(E, dtype=bool)
+    for lay in range(L):
+        if rows[lay] <= 0:
+            continue
+        joint = C[lay][off] / rows[lay]
+        single = np.asarray(load[lay], dtype=np.float64) / rows[lay]
+        indep = np.outer(single, single)[off]
+        seen = joint > 0
+        if seen.any():
+            out[lay] = float((joint[seen] * np.log(joint[seen] / indep[seen])).sum() / joint[seen].sum())
+    return out
+
+
 class _PairCounter:
     """Counts (layer, i, j) pairs into a flat ``[groups * E * E]`` histogram, in sub-batches."""
 
@@ -568,6 +591,9 @@ class TraceStats:
             "imbalance_mean": self.imbalance_mean, "imbalance_max": _nanmax(self.imbalance),
             "entropy_mean_bits": self.entropy_mean, "entropy_max_bits": float(np.log2(self.experts)),
         }
+        if self.coactivation is not None and self.top_k > 1:
+            pmi = pair_pmi(self.coactivation, self.load, self.top_k)
+            out["pair_pmi_mean"] = float(np.nanmean(pmi)) if (~np.isnan(pmi)).any() else None
         for scope, r in self.reuse.items():
             name = scope.replace("-", "_")
             d = _hist_quantiles(r["histogram"], (0.5, 0.9))
