@@ -1417,7 +1417,9 @@ def build_layout(scenario: Scenario, model: MoEModel, cluster, routing) -> Layou
     if par.ep is not None and par.ep != G:
         raise ScenarioError(
             f"parallelism.ep={par.ep}: experts are spread over all {G} GPUs (set ep: {G}); "
-            "expert-parallel groups smaller than the cluster are not modelled")
+            + ("expert-parallel groups smaller than the cluster are not modelled: simulate one "
+               f"group as a cluster of {par.ep} GPUs with its share of the requests"
+               if par.ep < G else f"the cluster has only {G} GPUs"))
     L, E = model.moe_layers, model.num_experts
     pl = scenario.placement
     if pl.kind == "contiguous":

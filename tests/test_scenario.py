@@ -56,8 +56,10 @@ def test_semantic_errors_name_the_field(tmp_path):
     base = {"model": "mixtral-8x7b", "cluster": {"preset": "h100-ib", "num_nodes": 1}}
     with pytest.raises(MoesimError, match="unknown model preset 'mixtral-9x9b'"):
         build(scenario_from_dict({**base, "model": "mixtral-9x9b"}))
-    with pytest.raises(ScenarioError, match="parallelism.ep=4"):
+    with pytest.raises(ScenarioError, match="parallelism.ep=4.*a cluster of 4 GPUs"):
         build(scenario_from_dict({**base, "parallelism": {"ep": 4}}))
+    with pytest.raises(ScenarioError, match="parallelism.ep=16.*only 8 GPUs"):
+        build(scenario_from_dict({**base, "parallelism": {"ep": 16}}))
     with pytest.raises(ScenarioError, match=r"cluster: .*unknown cluster preset"):
         build(scenario_from_dict({**base, "cluster": "h999"}))
     with pytest.raises(ScenarioError, match="does not fit"):

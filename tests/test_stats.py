@@ -17,6 +17,7 @@ from moesim.traces.stats import (
     imbalance,
     lru_hit_curve,
     pair_pmi,
+    pair_pmi_of,
     routing_entropy,
     stack_distances,
 )
@@ -182,6 +183,7 @@ def test_pair_pmi_closed_forms():
         s = compute_stats(Trace.from_arrays(experts, num_experts=4, seq_lens=[len(experts)]),
                           segment_lengths=[], windows=[1])
         np.testing.assert_allclose(pair_pmi(s.coactivation, s.load, 2), [want], atol=1e-12)
+        np.testing.assert_allclose(pair_pmi_of(experts, 4), [want], atol=1e-12)
         assert s.summary()["pair_pmi_mean"] == pytest.approx(want, abs=1e-12)
 
 

@@ -384,7 +384,7 @@ def default_capacities(trace: Trace) -> list[int]:
 
 def compare(real: Trace, synth: Trace, capacities=None, max_tokens: int = 50_000) -> dict:
     """How closely ``synth`` reproduces ``real``: load skew, reuse and LRU hit rates."""
-    from moesim.traces.stats import imbalance, lru_hit_curve
+    from moesim.traces.stats import imbalance, lru_hit_curve, pair_pmi_of
 
     if (real.meta.num_layers, real.meta.num_experts) != (synth.meta.num_layers, synth.meta.num_experts):
         raise MoesimError("compare needs traces of the same layers and experts")
@@ -400,6 +400,9 @@ def compare(real: Trace, synth: Trace, capacities=None, max_tokens: int = 50_000
     arrs = [token_arrays(t, max_tokens) for t in (real, synth)]
     reuse = [np.nanmean(lag_overlap(a.experts, a.request, (1,))[0]) for a in arrs]
     out["reuse_lag1"] = [float(x) for x in reuse]
+    # not fitted (the generator has no sets of experts chosen together): shown so that the gap
+    # is visible where co-activation matters (cross-node placement)
+    out["pair_pmi"] = [float(np.nanmean(pair_pmi_of(a.experts, real.meta.num_experts))) for a in arrs]
     for scope in ("global", "per-layer"):
         grid = caps if scope == "global" else [c for c in (1, 2, 4, 8, 16, 32) if c < real.meta.num_experts]
         curves = [lru_hit_curve(a.experts, None, scope) for a in arrs]

@@ -277,6 +277,23 @@ def pair_pmi(coactivation: np.ndarray, load: np.ndarray, top_k: int) -> np.ndarr
     return out
 
 
+def pair_pmi_of(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """``pair_pmi`` per layer of token-major routing ``experts[T, L, K]`` (rows with a missing
+    expert left out), counted layer by layer."""
+    T, L, K = experts.shape
+    E = num_experts
+    out = np.full(L, np.nan)
+    for lay in range(L):
+        x = experts[:, lay, :].astype(np.int64)
+        x = x[(x >= 0).all(axis=1)]
+        if len(x) == 0 or K < 2:
+            continue
+        pairs = np.bincount((x[:, :, None] * E + x[:, None, :]).ravel(), minlength=E * E)
+        load = np.bincount(x.ravel(), minlength=E)
+        out[lay] = pair_pmi(pairs.reshape(1, E, E), load[None], K)[0]
+    return out
+
+
 class _PairCounter:
     """Counts (layer, i, j) pairs into a flat ``[groups * E * E]`` histogram, in sub-batches."""
 

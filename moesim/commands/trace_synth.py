@@ -23,6 +23,8 @@ def _render_fit(payload: dict) -> None:
                f"{quality['imbalance_mean'][1]:.3f} (rel err {quality['imbalance_mean_rel_err']:.3f})")
     typer.echo(f"  reuse of previous token's experts real/synth: {quality['reuse_lag1'][0]:.3f} / "
                f"{quality['reuse_lag1'][1]:.3f}")
+    typer.echo(f"  pair PMI real/synth: {quality['pair_pmi'][0]:+.3f} / {quality['pair_pmi'][1]:+.3f} "
+               "(not fitted: experts tokens choose together are not modelled)")
     typer.echo(f"  LRU capacities: {quality['lru_capacities']}")
     typer.echo(f"  LRU hit real:   {quality['lru_real']}")
     typer.echo(f"  LRU hit synth:  {quality['lru_synth']}  (max abs err {quality['lru_max_abs_err']:.3f})")
