@@ -98,7 +98,6 @@ def count_slots(row_slot, key, step, nb, out) -> None:
         out += part
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Resolved configuration
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +255,7 @@ class StepCosts:
             # rows of an active slot: T k / (1 - (1 - k)^T) <= 1 + T k (x / (1 - e^-x) <= 1 + x),
             # so a slot is memory-bound whenever a x ceil((1 + T k) / tile) <= b
             hot = np.flatnonzero(a * np.ceil((1.0 + float(T.max()) * kshare.ravel()) / tile) > b)
-            if len(hot) <= kshare.size // 8:
+            if len(hot) <= kshare.size // 8:  # else the slot-by-slot roofline costs less
                 return self._expected_memory_bound(T[:, :, 0], kshare, log_idle, always, hot,
                                                    num_gpus)
         lg = T * log_idle
@@ -277,8 +276,8 @@ class StepCosts:
         lg[:, always] = IDLE_FLOOR
         idle = np.expm1(lg)  # -P(active)
         p_sum = (idle.reshape(-1, S) @ ones).reshape(n, L * num_gpus)
-        idle_sum = self._gpu_sums(kshare, log_idle, always, S)
-        per = (T * c) * idle_sum[2] - b * p_sum
+        idle_per_token, idle_floor, rows_per_token = self._gpu_sums(kshare, log_idle, always, S)
+        per = (T * c) * rows_per_token - b * p_sum
         if len(hot):
             p = -idle.reshape(n, L * R)[:, hot]
             load = T * kshare.ravel()[hot]
@@ -287,7 +286,7 @@ class StepCosts:
             gpu = (hot // R) * num_gpus + (hot % R) // S
             np.add.at(per, (slice(None), gpu), whole - (b * p + c * load))
         # log P(no slot of the GPU active) is linear in T: summed once per placement
-        launch = -np.expm1(T * idle_sum[0] + idle_sum[1])
+        launch = -np.expm1(T * idle_per_token + idle_floor)
         return (per + launch * self.cm.device.kernel_overhead).reshape(n, L, num_gpus)
 
     def _gpu_sums(self, kshare, log_idle, always, S) -> tuple:
