@@ -3,7 +3,7 @@
 Token accounting (each token's 26 layers x 6 experts looked up in execution order), one
 global pool, capacity in experts (d2moe: the same number of bf16 DeepSeek-V2-Lite experts in
 bytes). LRU and Belady use the stack/fast paths; the rest replay through the policy objects.
-Run: python benchmarks/esft_policy_curves.py [--tokens N] [--jobs J]
+Run: python benchmarks/esft_policy_curves.py [--tokens N (default: all)] [--jobs J]
 Writes benchmarks/results/esft_policy_curves.csv and .md.
 """
 
@@ -31,15 +31,16 @@ PARAMS = {"sch": {"m": 16}}
 EXPERT_BYTES = get_model("deepseek-v2-lite").expert_bytes()
 
 
-def stream_of(path: Path, tokens: int) -> AccessStream:
+def stream_of(path: Path, tokens: int) -> tuple[AccessStream, int]:
+    """The task's first ``tokens`` tokens as an access stream, and how many there were."""
     d = np.load(path)
     n = min(tokens, len(d["experts"]))
     t = Trace.from_arrays(d["experts"][:n], d["weights"][:n], None, "prefill", num_experts=64)
-    return AccessStream.from_trace(t, "token", expert_bytes=EXPERT_BYTES)
+    return AccessStream.from_trace(t, "token", expert_bytes=EXPERT_BYTES), n
 
 
 def one(path: Path, tokens: int, name: str) -> list[dict]:
-    s = stream_of(path, tokens)
+    s, n = stream_of(path, tokens)
     t0 = time.perf_counter()
     if name == "lru":
         rates = lru_curve(s, SIZES)
@@ -52,13 +53,14 @@ def one(path: Path, tokens: int, name: str) -> list[dict]:
             rates.append(run_policy(s, name, **kw, **PARAMS.get(name, {})).stats["hit_rate"])
     dt = time.perf_counter() - t0
     task = path.stem.removeprefix("esft_")
-    return [{"task": task, "policy": name, "capacity_experts": c, "hit_rate": float(r), "seconds": dt / len(SIZES)}
+    return [{"task": task, "tokens": n, "policy": name, "capacity_experts": c, "hit_rate": float(r),
+             "seconds": dt / len(SIZES)}
             for c, r in zip(SIZES, rates, strict=True)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=3000)
+    ap.add_argument("--tokens", type=int, default=100_000, help="tokens per task (default: all)")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
     folder = DATA / "esft-dsv2lite"
@@ -76,7 +78,8 @@ def main() -> int:
     df["gap_recovered"] = (df.hit_rate - lru.loc[idx].to_numpy()) / (df.belady - lru.loc[idx].to_numpy())
     out = Path(__file__).parent / "results"
     write_text_atomic(out / "esft_policy_curves.csv", df.to_csv(index=False, float_format="%.5f"))
-    lines = [f"# ESFT hit rate vs capacity (first {args.tokens} tokens per task, token accounting, global pool)", ""]
+    counts = ", ".join(f"{t} {n:,}" for t, n in df.groupby("task").tokens.first().items())
+    lines = [f"# ESFT hit rate vs capacity (tokens per task: {counts}; token accounting, global pool)", ""]
     for task, g in df.groupby("task"):
         table = g.pivot(index="policy", columns="capacity_experts", values="hit_rate")
         table = table.loc[table[SIZES[-1]].sort_values(ascending=False).index]
