@@ -3,7 +3,9 @@
 Steps per layer (in layer order, because the hops term looks at the layer before):
 1. every applicable heuristic's map for this layer (same-GPU duplicates swapped away when they
    are not allowed) is scored with the objective; with a cross_node term on several nodes the
-   node-first placement (token-level node partition, ``locality.py``) is one more candidate;
+   node-first placement (token-level node partition, ``locality.py``) is one more candidate, and
+   under nearest selection with groups so is whole groups on nodes + the hottest experts on every
+   node (``groups_everywhere_layer``);
    the best one that respects the balance cap is the warm start, and its replica counts are
    the ILP's;
 2. the layer's MILP (highspy arrays, or the Pyomo reference) is solved with that start, the valid
@@ -24,7 +26,7 @@ import numpy as np
 
 from moesim.planners.baselines import applicable, repair_duplicates, run_baseline
 from moesim.planners.inputs import PlacementProblem
-from moesim.planners.locality import node_first_layer, node_of_experts
+from moesim.planners.locality import groups_everywhere_layer, node_first_layer, node_of_experts
 from moesim.planners.objectives import (
     Objective,
     balance_bound,
@@ -136,6 +138,12 @@ def plan_layers(problem: PlacementProblem, objective: Objective, time_limit: flo
                 rows["node-first"] = local[0]
                 scored.append((layer_value(layer_terms(problem, objective, lay, local[0], prev_row), objective),
                                "node-first"))
+        if hyper and problem.replica_selection == "nearest" and problem.num_groups > 1:
+            spread = groups_everywhere_layer(problem, lay, cap)
+            if spread is not None:
+                rows["groups+everywhere"] = spread
+                scored.append((layer_value(layer_terms(problem, objective, lay, spread, prev_row), objective),
+                               "groups+everywhere"))
         warm_value, warm_from = min(scored)
         warm_row = rows[warm_from]
         warm = replicas_per_gpu(warm_row[None], E, P)[0]

@@ -19,7 +19,10 @@ every node (the partition's pseudo-node N, ``partition.Limits``): each node's to
 it locally, and it leaves the token hypergraph. Slot demands come from ``nearest_demand``; when
 a node's GPUs do not pack, later attempts keep back a growing share of each node's redundant
 slots from the search so that ``fill_node`` can add replicas for balance. No MILP follows (the
-loads are not linear in the replica map under this rule).
+loads are not linear in the replica map under this rule). With expert groups,
+``groups_everywhere_layer`` is one more candidate: whole groups on nodes and the hottest
+experts on every node (the construction the group-aligned cut bound of
+``benchmarks/dsv3_cut_ceiling.py`` is close to).
 """
 
 from __future__ import annotations
@@ -176,6 +179,32 @@ def node_first_layer(problem: PlacementProblem, layer: int, gpu_cap: float | Non
                 break
         if time.perf_counter() >= deadline:
             break
+    return None
+
+
+def groups_everywhere_layer(problem: PlacementProblem, layer: int, gpu_cap: float | None) -> np.ndarray | None:
+    """Nearest selection with expert groups: whole groups on nodes (what group-limited routing
+    rewards) and the k hottest experts on every node, for the largest k the redundant slots
+    allow whose GPUs pack within ``gpu_cap`` (each node's leftover slots replicate its own hot
+    experts: fewer experts everywhere, more room to balance). An expert on every node costs
+    no node to any token and carries a 1/N share of its load per node. None when it does not
+    apply or no k fits."""
+    c = problem.cluster
+    N, R, E = c.num_nodes, problem.num_replicas, problem.num_experts
+    w = problem.load[layer]
+    if problem.replica_selection != "nearest" or N < 2 or R % N or w.sum() <= 0:
+        return None
+    start = group_start(w, problem.num_groups, N)
+    if start is None:
+        return None
+    spare = R // N - int(np.bincount(start, minlength=N).max())  # slots per node beyond its groups
+    hottest = np.argsort(-w, kind="stable")
+    for k in range(min(spare, E), -1, -1):
+        node = start.copy()
+        node[hottest[:k]] = N
+        row = place_on_nodes(problem, layer, node)
+        if gpu_cap is None or _gpu_loads(problem, layer, row).max() <= gpu_cap * (1 + 1e-9):
+            return row
     return None
 
 

@@ -191,6 +191,30 @@ def test_ilp_under_nearest_never_loses_and_cuts_traffic():
     assert m_ilp["cross_node_tokens"] < 0.9 * m_eplb["cross_node_tokens"]
 
 
+def test_groups_everywhere_halves_the_remote_nodes_of_a_shared_hot_expert():
+    """2 nodes of 2 GPUs, 8 experts in 2 groups of 4, 10 slots (one spare per node). Every
+    token picks expert 0 (group 0) and one expert of group 1, so with whole groups on nodes it
+    always needs both nodes: one remote node per token. Expert 0 on both nodes leaves only group
+    1's node: remote for the half of the tokens that start on the other node."""
+    from moesim.planners.locality import groups_everywhere_layer
+
+    rng = np.random.default_rng(0)
+    experts = np.stack([np.zeros(400, int), rng.integers(4, 8, 400)], axis=1)[:, None, :]
+    trace = Trace.from_arrays(experts, num_experts=8)
+    problem = problem_from_trace(trace, Cluster(4, 2), num_replicas=10, num_groups=2,
+                                 replica_selection="nearest")
+    obj = Objective({"cross_node": 1.0})
+    row = groups_everywhere_layer(problem, 0, None)
+    node_of_slot = np.arange(len(row)) // problem.slots_per_gpu // 2
+    assert set(node_of_slot[row == 0]) == {0, 1}  # the hottest expert on every node
+    for e in range(1, 8):  # every other expert on its group's node only
+        assert len(set(node_of_slot[row == e])) == 1
+    assert layer_terms(problem, obj, 0, row)["cross_node"] == pytest.approx(0.5)
+    # a cap the spread plan cannot meet: fewer experts everywhere, or None
+    tight = groups_everywhere_layer(problem, 0, 1e-9)
+    assert tight is None
+
+
 def test_reference_cap_against_eplb_as_deployed():
     """The ILP planned under nearest selection, every layer capped at 1.01 x EPLB's max GPU load
     under UNIFORM selection (EPLB as deployed): the cap holds layer by layer, so its max/mean is
