@@ -305,12 +305,16 @@ class Scheduler:
         self.first_token_s[first] = now
         done = producers[self.generated[producers] >= self.output[producers]]
         if len(done):
-            self.state[done] = DONE
-            self.finish_s[done] = now
-            self.finish_count[done] += 1
-            self.num_done += len(done)
+            self._mark_done(done, now)
             self.running = self.running[self.state[self.running] == RUNNING]
         return done
+
+    def _mark_done(self, done: np.ndarray, finish_s) -> None:
+        """Requests ``done`` finish at ``finish_s`` (seconds, or the engine's step stamps)."""
+        self.state[done] = DONE
+        self.finish_s[done] = finish_s
+        self.finish_count[done] += 1
+        self.num_done += len(done)
 
     # ----- views ------------------------------------------------------------------------------
     def prefill_accounted(self) -> int:
@@ -358,10 +362,7 @@ class Scheduler:
         self.tokens_produced += steps * len(dec)
         done = dec[self.generated[dec] >= self.output[dec]]
         if len(done):
-            self.state[done] = DONE
-            self.finish_s[done] = now_last
-            self.finish_count[done] += 1
-            self.num_done += len(done)
+            self._mark_done(done, now_last)
             self.running = self.running[self.state[self.running] == RUNNING]
         return done
 
@@ -467,11 +468,7 @@ class Scheduler:
         self.admitted_s[fresh] = -(adm_step[np.isnan(self.admitted_s[adm_id])] + 1.0)
         no_first = np.isnan(self.first_token_s[ids])
         self.first_token_s[ids[no_first]] = -(first[no_first] + 1.0)
-        done = ids[finished]
-        self.state[done] = DONE
-        self.finish_s[done] = -(last[finished] + 1.0)
-        self.finish_count[done] += 1
-        self.num_done += len(done)
+        self._mark_done(ids[finished], -(last[finished] + 1.0))
         adm_order = np.lexsort((adm_id, adm_step))
         new_running = np.concatenate([run, adm_id[adm_order]])
         self.running = new_running[self.state[new_running] == RUNNING]
