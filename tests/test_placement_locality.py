@@ -17,7 +17,7 @@ from moesim.planners.objectives import Objective, layer_terms, plan_values
 from moesim.planners.plan import Plan
 from moesim.planners.solve import make_plan
 from moesim.traces import Trace
-from tests.helpers import assert_exact_deltas
+from tests.helpers import assert_node_search_deltas_exact
 
 
 # ----- closed forms -------------------------------------------------------------------------------
@@ -110,19 +110,7 @@ def test_objective_cross_node_equals_the_evaluation_under_nearest(seed):
 @settings(max_examples=20, deadline=None)
 @given(st.integers(0, 10_000))
 def test_everywhere_position_deltas_are_exact(seed):
-    from moesim.planners.partition import NodeSearch, token_sets
-
-    rng = np.random.default_rng(seed)
-    E, N, K = 9, 3, 3
-    sets, weight = token_sets(np.stack([rng.choice(E, K, replace=False) for _ in range(40)]))
-    node = rng.integers(0, N + 1, E)  # N: replicated on every node
-    search = NodeSearch(sets, weight, E, N, node, positions=N + 1)
-    move, swap = search.deltas()
-
-    def value(assign):
-        return NodeSearch(sets, weight, E, N, assign, positions=N + 1).value()
-
-    assert_exact_deltas(move, swap, node, value, N + 1)
+    assert_node_search_deltas_exact(seed, num_experts=9, everywhere=True)
 
 
 def test_everywhere_limits_charge_every_node():

@@ -20,7 +20,7 @@ from moesim.planners.plan import Plan, replica_counts
 from moesim.planners.refine import swap_search
 from moesim.planners.solve import make_plan
 from moesim.traces import Trace
-from tests.helpers import assert_exact_deltas
+from tests.helpers import assert_node_search_deltas_exact
 
 README_W = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                      [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]], float)
@@ -313,19 +313,7 @@ def test_esft_domain_shift_and_ilp_balance(esft_npz):
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 10_000))
 def test_partition_move_and_swap_deltas_are_exact(seed):
-    from moesim.planners.partition import NodeSearch, token_sets
-
-    rng = np.random.default_rng(seed)
-    E, N, K = 10, 3, 3
-    sets, weight = token_sets(np.stack([rng.choice(E, K, replace=False) for _ in range(40)]))
-    node = rng.integers(0, N, E)
-    search = NodeSearch(sets, weight, E, N, node)
-    move, swap = search.deltas()
-
-    def value(assign):
-        return NodeSearch(sets, weight, E, N, assign).value()
-
-    assert_exact_deltas(move, swap, node, value, N)
+    assert_node_search_deltas_exact(seed, num_experts=10, everywhere=False)
 
 
 def test_partition_finds_a_planted_split_within_the_limits():
