@@ -165,6 +165,44 @@ def tp_slice(model: MoEModel, tp: int) -> MoEModel:
         dense_intermediate=model.dense_intermediate // tp, vocab=model.vocab // tp)
 
 
+@dataclass(frozen=True)
+class ExpectedSlots:
+    """A placement's slots under count routing (tokens routed in expectation), per token:
+    ``kshare[L, R]`` rows a slot receives, ``log_idle[L, R]`` log P(a token picks it not),
+    ``always[L, R]`` slots every token picks; and, per GPU (``S`` slots each, ``[L * G]``),
+    the sums ``StepCosts.experts_expected`` needs: log P(no slot of the GPU picked) per token
+    over its other slots, the never-idle slots' constant, and its rows per token."""
+
+    kshare: np.ndarray
+    log_idle: np.ndarray
+    always: np.ndarray
+    slots_per_gpu: int
+    idle_per_token: np.ndarray
+    idle_floor: np.ndarray
+    rows_per_token: np.ndarray
+
+    @classmethod
+    def of(cls, kshare: np.ndarray, log_idle: np.ndarray, always: np.ndarray,
+           slots_per_gpu: int) -> ExpectedSlots:
+        S = slots_per_gpu
+        ones = np.ones(S)
+        return cls(kshare, log_idle, always, S,
+                   np.where(always, 0.0, log_idle).reshape(-1, S) @ ones,
+                   always.reshape(-1, S).sum(-1) * IDLE_FLOOR, kshare.reshape(-1, S) @ ones)
+
+    def log_idle_at(self, totals: np.ndarray) -> np.ndarray:
+        """``[n, L, R]`` log P(slot idle) in steps of ``totals`` tokens."""
+        lg = np.asarray(totals, dtype=float)[:, None, None] * self.log_idle
+        lg[:, self.always] = IDLE_FLOOR
+        return lg
+
+    def p_active(self, totals: np.ndarray) -> np.ndarray:
+        """``[n, L, R]`` P(slot receives a row) in steps of ``totals`` tokens."""
+        active = -np.expm1(np.asarray(totals, dtype=float)[:, None, None] * self.log_idle)
+        active[:, self.always] = 1.0
+        return active
+
+
 class StepCosts:
     """A step's compute on each GPU, every operation through ``moesim.cost.CostModel``.
 
@@ -184,7 +222,6 @@ class StepCosts:
         self._memo: dict[tuple[str, float], float] = {}
         self._roofline_terms = self.cm.expert_roofline_terms(model)
         self._expert_table: dict[int, np.ndarray] = {}
-        self._gpu_sums_memo: dict = {}  # per placement: experts_expected's per-GPU sums
 
     def _per_count(self, what: str, fn, tokens: np.ndarray) -> np.ndarray:
         lo, hi = tokens.min(), tokens.max()
@@ -236,71 +273,50 @@ class StepCosts:
             return self.cm.grouped_gemm_times(self.model, load)
         return self._expected_experts(load, active, log_idle)
 
-    def experts_expected(self, totals: np.ndarray, kshare: np.ndarray, log_idle: np.ndarray,
-                         always: np.ndarray, num_gpus: int) -> np.ndarray:
-        """``[n, L, G]`` expert seconds of steps of ``totals[n]`` tokens routed in expectation:
-        slot r of layer l gets ``T x kshare[l, r]`` rows and is idle with log-probability
-        ``T x log_idle[l, r]`` (never idle where ``always``) — ``experts`` with ``active``.
+    def experts_expected(self, totals: np.ndarray, slots: ExpectedSlots, num_gpus: int) -> np.ndarray:
+        """``[n, L, G]`` expert seconds of steps of ``totals[n]`` tokens routed in expectation
+        over ``slots`` — ``experts`` with ``active``.
 
         A slot on the memory-bound side of the roofline costs
         P(active) x (b + c x rows / P(active)) = b P(active) + c x rows, so a GPU's such slots
         cost b x (sum of P(active)) + c x (their rows): no per-slot division, ceiling or
         maximum. The few slots that may be compute-bound (decode: the hottest experts) are
         costed on the whole roofline and replace their memory-bound term."""
-        n, (L, R) = len(totals), kshare.shape
-        T = np.asarray(totals, dtype=float)[:, None, None]
+        n, (L, R) = len(totals), slots.kshare.shape
+        T = np.asarray(totals, dtype=float)
+        lg = slots.log_idle_at(T)
         terms = self._roofline_terms
         if terms is not None:
             a, b, c, tile = terms
             # rows of an active slot: T k / (1 - (1 - k)^T) <= 1 + T k (x / (1 - e^-x) <= 1 + x),
             # so a slot is memory-bound whenever a x ceil((1 + T k) / tile) <= b
-            hot = np.flatnonzero(a * np.ceil((1.0 + float(T.max()) * kshare.ravel()) / tile) > b)
-            if len(hot) <= kshare.size // 8:  # else the slot-by-slot roofline costs less
-                return self._expected_memory_bound(T[:, :, 0], kshare, log_idle, always, hot,
-                                                   num_gpus)
-        lg = T * log_idle
-        lg[:, always] = IDLE_FLOOR
+            hot = np.flatnonzero(a * np.ceil((1.0 + float(T.max()) * slots.kshare.ravel()) / tile) > b)
+            if len(hot) <= slots.kshare.size // 8:  # else the slot-by-slot roofline costs less
+                return self._expected_memory_bound(T[:, None], slots, lg, hot, num_gpus)
         active = -np.expm1(lg)
-        active[:, always] = 1.0
-        return self.experts((T * kshare).reshape(n * L, R), num_gpus, active.reshape(n * L, R),
-                            lg.reshape(n * L, R)).reshape(n, L, num_gpus)
+        active[:, slots.always] = 1.0
+        return self.experts((T[:, None, None] * slots.kshare).reshape(n * L, R), num_gpus,
+                            active.reshape(n * L, R), lg.reshape(n * L, R)).reshape(n, L, num_gpus)
 
-    def _expected_memory_bound(self, T, kshare, log_idle, always, hot, num_gpus) -> np.ndarray:
+    def _expected_memory_bound(self, T, slots: ExpectedSlots, lg, hot, num_gpus) -> np.ndarray:
         """``experts_expected`` summed per GPU as b P(active) + c rows, slots ``hot`` (flat
-        ``layer x R + slot``) corrected to the whole roofline. ``T[n, 1]``."""
+        ``layer x R + slot``) corrected to the whole roofline. ``T[n, 1]``, ``lg[n, L, R]``."""
         a, b, c, tile = self._roofline_terms
-        n, (L, R) = len(T), kshare.shape
-        S = R // num_gpus
-        ones = np.ones(S)
-        lg = T[:, :, None] * log_idle
-        lg[:, always] = IDLE_FLOOR
+        n, (L, R) = len(T), slots.kshare.shape
+        S = slots.slots_per_gpu
         idle = np.expm1(lg)  # -P(active)
-        p_sum = (idle.reshape(-1, S) @ ones).reshape(n, L * num_gpus)
-        idle_per_token, idle_floor, rows_per_token = self._gpu_sums(kshare, log_idle, always, S)
-        per = (T * c) * rows_per_token - b * p_sum
+        p_sum = (idle.reshape(-1, S) @ np.ones(S)).reshape(n, L * num_gpus)
+        per = (T * c) * slots.rows_per_token - b * p_sum
         if len(hot):
             p = -idle.reshape(n, L * R)[:, hot]
-            load = T * kshare.ravel()[hot]
+            load = T * slots.kshare.ravel()[hot]
             cond = np.divide(load, p, out=np.zeros_like(load), where=p > 0)
             whole = np.maximum(np.ceil(cond / tile) * a, cond * c + b) * p
             gpu = (hot // R) * num_gpus + (hot % R) // S
             np.add.at(per, (slice(None), gpu), whole - (b * p + c * load))
         # log P(no slot of the GPU active) is linear in T: summed once per placement
-        launch = -np.expm1(T * idle_per_token + idle_floor)
+        launch = -np.expm1(T * slots.idle_per_token + slots.idle_floor)
         return (per + launch * self.cm.device.kernel_overhead).reshape(n, L, num_gpus)
-
-    def _gpu_sums(self, kshare, log_idle, always, S) -> tuple:
-        """Per GPU, once per placement: the sum of its slots' log P(idle) per token (never-idle
-        slots left out) and their floor constant (log P(GPU idle) = T x first + second), and
-        its rows per token."""
-        key = id(log_idle)
-        hit = self._gpu_sums_memo.get(key)
-        if hit is None or hit[0] is not log_idle:
-            ones = np.ones(S)
-            sums = (np.where(always, 0.0, log_idle).reshape(-1, S) @ ones,
-                    always.reshape(-1, S).sum(-1) * IDLE_FLOOR, kshare.reshape(-1, S) @ ones)
-            hit = self._gpu_sums_memo[key] = (log_idle, sums)
-        return hit[1]
 
     def experts_counted(self, slot_rows: np.ndarray, num_gpus: int, parts: int = 1,
                         gpu_rows: np.ndarray | None = None) -> np.ndarray:
@@ -460,9 +476,9 @@ class Router:
             self.gpu_share = self.slot_share.reshape(L, self.G, self.S).sum(-1)
             self.node_share = self.gpu_share.reshape(L, -1, self.gpn).sum(-1)[:, self.node]
             pick = np.minimum(K * self.slot_share, 1.0)
-            self._log_idle_per_token = np.log1p(-np.minimum(pick, 1 - 1e-12))
-            self._always_active = pick >= 1.0
-            self._kshare = K * self.slot_share
+            self.expected = ExpectedSlots.of(K * self.slot_share,
+                                             np.log1p(-np.minimum(pick, 1 - 1e-12)),
+                                             pick >= 1.0, self.S)
             self._gpu_share_max = self.gpu_share.max(axis=1)
             self._gpu_share_mean = self.gpu_share.mean(axis=1)
         self._cache: dict = {}
@@ -659,8 +675,7 @@ class Router:
         K = self.K
         out = self._empty(t.sum() * K * self.slot_share)
         # a slot is idle only if none of the step's tokens picks it (independent tokens)
-        out.active = -np.expm1(t.sum() * self._log_idle_per_token)
-        out.active[self._always_active] = 1.0
+        out.active = self.expected.p_active(np.array([t.sum()]))[0]
         if self.pair:
             T = t.sum()
             t_node = np.bincount(self.node, weights=t)[self.node]
@@ -719,9 +734,7 @@ class Router:
         slot_load = total[:, None, None] * K * self.slot_share  # [M, L, R]
         active = None
         if costs is None:  # expert times come later, from P(active)
-            # log P(slot idle) = tokens x log(1 - pick): the log taken once per placement
-            active = -np.expm1(total[:, None, None] * self._log_idle_per_token)
-            active[:, self._always_active] = 1.0
+            active = self.expected.p_active(total)
         # a GPU's load is its slots' shares times the step's pairs (a [M*L*G, S] @ [S] product
         # with S of 2-8 ran at 0.8 ms per chunk, more than the rest of the miss); its max and
         # mean over GPUs scale with the pairs too
@@ -748,8 +761,7 @@ class Router:
             memo = self._expert_memo
             new = sorted({x for x in total.tolist() if x not in memo})
             if new:
-                times = costs.experts_expected(np.array(new), self._kshare,
-                                               self._log_idle_per_token, self._always_active, G)
+                times = costs.experts_expected(np.array(new), self.expected, G)
                 stats = times.max(axis=2), times.mean(axis=2), times.sum(axis=1)
                 if len(memo) > 4096:
                     memo.clear()

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim import comm
-from moesim.engine import build
+from moesim.engine import ExpectedSlots, build
 from moesim.scenario import scenario_from_dict
 from tests.helpers import with_changes
 
@@ -201,13 +201,13 @@ def test_experts_expected_equals_the_whole_roofline(totals):
     sim = build(scenario_from_dict(scenario(**{"routing.source": "uniform"})))
     r, costs, G = sim.router, sim.costs, sim.layout.num_gpus
     # skewed picks per token (a few hot slots), one slot every token picks (never idle)
-    kshare = np.random.default_rng(4).pareto(1.5, r._kshare.shape) * r._kshare
+    kshare = np.random.default_rng(4).pareto(1.5, r.expected.kshare.shape) * r.expected.kshare
     kshare = np.minimum(kshare, 0.97)
     kshare[0, 0] = 1.0
     log_idle = np.log1p(-np.minimum(kshare, 1 - 1e-12))
     always = kshare >= 1.0
     T = np.array(totals)
-    got = costs.experts_expected(T, kshare, log_idle, always, G)
+    got = costs.experts_expected(T, ExpectedSlots.of(kshare, log_idle, always, r.S), G)
     lg = T[:, None, None] * log_idle
     lg[:, always] = np.log1p(-(1.0 - 1e-15))
     active = -np.expm1(lg)
