@@ -279,19 +279,15 @@ def pair_pmi(coactivation: np.ndarray, load: np.ndarray, top_k: int) -> np.ndarr
 
 def pair_pmi_of(experts: np.ndarray, num_experts: int) -> np.ndarray:
     """``pair_pmi`` per layer of token-major routing ``experts[T, L, K]`` (rows with a missing
-    expert left out), counted layer by layer."""
+    expert left out), its co-activation counted as ``compute_stats`` counts it."""
     T, L, K = experts.shape
-    E = num_experts
-    out = np.full(L, np.nan)
-    for lay in range(L):
-        x = experts[:, lay, :].astype(np.int64)
-        x = x[(x >= 0).all(axis=1)]
-        if len(x) == 0 or K < 2:
-            continue
-        pairs = np.bincount((x[:, :, None] * E + x[:, None, :]).ravel(), minlength=E * E)
-        load = np.bincount(x.ravel(), minlength=E)
-        out[lay] = pair_pmi(pairs.reshape(1, E, E), load[None], K)[0]
-    return out
+    x = experts.reshape(T * L, K).astype(np.int64)
+    layer = np.tile(np.arange(L), T)
+    ok = (x >= 0).all(axis=1)
+    pairs = _PairCounter(L, num_experts)
+    pairs.add(layer[ok], x[ok], x[ok])
+    C = pairs.matrix()
+    return pair_pmi(C, np.diagonal(C, axis1=1, axis2=2), K)
 
 
 class _PairCounter:
