@@ -116,19 +116,20 @@ def plan_layers(problem: PlacementProblem, objective: Objective, time_limit: flo
     for i, lay in enumerate(layers):
         t0 = time.perf_counter()
         cap = None if caps is None else caps[lay]
+
+        def score(row, lay=lay, prev_row=prev_row):  # a candidate map's objective on this layer
+            return layer_value(layer_terms(problem, objective, lay, row, prev_row), objective)
+
         scored = []
         for name, phy in maps.items():
-            terms = layer_terms(problem, objective, lay, phy[lay], prev_row)
-            load_max = max_gpu_load(problem, phy[lay][None], lay)[0]
-            if cap is None or load_max <= cap * (1 + 1e-12):
-                scored.append((layer_value(terms, objective), name))
+            if cap is None or max_gpu_load(problem, phy[lay][None], lay)[0] <= cap * (1 + 1e-12):
+                scored.append((score(phy[lay]), name))
         # the best-balanced heuristic, improved by the swap search, is one more candidate
         polished = polish(problem, min(maps.items(), key=lambda kv: max_gpu_load(problem, kv[1][lay][None], lay)[0]), lay)
         rows = {name: phy[lay] for name, phy in maps.items()}
         rows[polished[0]] = polished[1]
         if cap is None or max_gpu_load(problem, polished[1][None], lay)[0] <= cap * (1 + 1e-12) or not scored:
-            scored.append((layer_value(layer_terms(problem, objective, lay, polished[1], prev_row), objective),
-                           polished[0]))
+            scored.append((score(polished[1]), polished[0]))
         layer_share = max(0.05, (deadline - time.perf_counter()) / (len(layers) - i))
         hyper = objective.weights.get("cross_node", 0) > 0 and problem.cluster.num_nodes > 1
         if hyper:
@@ -136,14 +137,12 @@ def plan_layers(problem: PlacementProblem, objective: Objective, time_limit: flo
             local = node_first_layer(problem, lay, cap, rows[best_name], 0.5 * layer_share, seed)
             if local is not None:
                 rows["node-first"] = local[0]
-                scored.append((layer_value(layer_terms(problem, objective, lay, local[0], prev_row), objective),
-                               "node-first"))
+                scored.append((score(local[0]), "node-first"))
         if hyper and problem.replica_selection == "nearest" and problem.num_groups > 1:
             spread = groups_everywhere_layer(problem, lay, cap)
             if spread is not None:
                 rows["groups+everywhere"] = spread
-                scored.append((layer_value(layer_terms(problem, objective, lay, spread, prev_row), objective),
-                               "groups+everywhere"))
+                scored.append((score(spread), "groups+everywhere"))
         warm_value, warm_from = min(scored)
         warm_row = rows[warm_from]
         warm = replicas_per_gpu(warm_row[None], E, P)[0]
