@@ -671,24 +671,19 @@ class Router:
         if cached is not None:
             self.cache_hits += 1
             return cached
+        if self.pair:  # a memo miss of route_expected_many's, alone
+            out = [None]
+            self._expected_chunk([(0, t)], None, out)
+            return out[0]
         self.cache_misses += 1
         K = self.K
         out = self._empty(t.sum() * K * self.slot_share)
         # a slot is idle only if none of the step's tokens picks it (independent tokens)
         out.active = self.expected.p_active(np.array([t.sum()]))[0]
-        if self.pair:
-            T = t.sum()
-            t_node = np.bincount(self.node, weights=t)[self.node]
-            own = self.gpu_share * K
-            out_paths = np.stack([t * own, t * (self.node_share * K - own),
-                                  t * K * (1 - self.node_share)], axis=-1)
-            in_paths = np.stack([t * own, own * (t_node - t), own * (T - t_node)], axis=-1)
-            self._pair_comm(out, out_paths, in_paths)
-        else:
-            for li in range(self.L):
-                counts = self.comm.counts_from_aggregate(
-                    np.outer(t, K * self.routing.share[li]), t, self.placements[li], self.cluster)
-                self._store(out, li, self.dispatcher.run(counts, self.cluster, *self.rows))
+        for li in range(self.L):
+            counts = self.comm.counts_from_aggregate(
+                np.outer(t, K * self.routing.share[li]), t, self.placements[li], self.cluster)
+            self._store(out, li, self.dispatcher.run(counts, self.cluster, *self.rows))
         if len(self._cache) > 4096:
             self._cache.clear()
         self._cache[key] = out
@@ -718,14 +713,16 @@ class Router:
                 pending[key] = u
                 miss.append((u, t))
         for i in range(0, len(miss), self.MISS_CHUNK):  # small chunks stay in cache
-            self._expected_chunk(miss[i: i + self.MISS_CHUNK], share, costs, out)
+            self._expected_chunk(miss[i: i + self.MISS_CHUNK], costs, out)
         for u, first in repeats:
             out[u] = out[first]
         return out
 
     MISS_CHUNK = 8
 
-    def _expected_chunk(self, miss: list, share: float, costs, out: list) -> None:
+    def _expected_chunk(self, miss: list, costs, out: list) -> None:
+        """Memo misses ``miss`` [(index into ``out``, tokens per GPU already scaled)] of pair
+        dispatchers, computed together; their expected expert times too when ``costs`` is given."""
         self.cache_misses += len(miss)
         L, G, K = self.L, self.G, self.K
         M = len(miss)
